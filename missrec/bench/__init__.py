@@ -1,0 +1,1 @@
+"""Benchmarks of the toolkit's heavy stages; each returns a JSON-able dict."""

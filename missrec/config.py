@@ -1,0 +1,238 @@
+"""Typed configuration for every stage: defaults in dataclasses, small diffs from YAML/JSON and dotted overrides.
+
+A run's config is ``default -> file (optional) -> --set key.sub=value overrides``; the merged result is
+written into the run folder. Configs are frozen: every change makes a new object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+from missrec.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a domain's data lives. ``data_root`` holds atomic files or a shard folder per domain."""
+
+    data_root: str = ""
+    domain: str = ""
+    features: tuple[str, ...] = ()  # feature-file suffixes, e.g. ("feat1CLS", "feat3CLS")
+    max_len: int = 50
+    num_workers: int = 0  # shard-reader worker processes
+    skip_bad_shards: bool = False
+    group_by_length: bool = True  # batch rows of similar length together in training (less padding)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop. Batch sizes are per process; the global batch is ``batch_size * world_size``."""
+
+    epochs: int = 200
+    batch_size: int = 512
+    eval_batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    seed: int = 2020
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    grad_clip: float = 0.0  # 0 = off
+    nonfinite: str = "error"  # a NaN/inf loss: "error" stops naming the batch, "skip" skips and counts
+    max_steps_per_epoch: int = 0  # 0 = whole epoch (a cap for smoke runs)
+    eval_every: int = 1
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    """SASRec (Kang & McAuley 2018) with the UniSRec-baseline settings of the paper's table."""
+
+    hidden: int = 300
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    objective: str = "causal"  # causal: loss at every position of each user's sequence | last: per prefix row
+
+
+@dataclass(frozen=True)
+class MISSRecConfig:
+    """The interest-aware encoder-decoder; defaults follow the official code's fine-tuning settings."""
+
+    hidden: int = 300
+    encoder_layers: int = 1
+    decoder_layers: int = 1
+    heads: int = 4
+    inner: int = 256
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    adapter: str = "linear"  # linear | moe
+    moe_experts: int = 8
+    mode: str = "transductive"  # transductive (with item IDs) | inductive (no IDs)
+    temperature: float = 0.07
+    interest_method: str = "dpc_knn"  # dpc_knn | kmeans
+    interest_ratio: float = 0.5  # clusters = ratio * number of item tokens
+    interest_knn: float = 5  # kNN size: a count (>= 1) or a ratio of the pool (< 1)
+    interest_weight: float = 1e-4  # weight of the interest regulariser
+    use_interests: bool = True
+    fusion: str = "dynamic"  # dynamic | mean
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One fine-tuning / training run."""
+
+    model: str = "sasrec"  # sasrec | missrec
+    output_dir: str = "runs/default"
+    pretrained: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    missrec: MISSRecConfig = field(default_factory=MISSRecConfig)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-able dict of a (nested) config dataclass."""
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out))
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build ``cls`` from a (partial) mapping; unknown keys and wrong types are ``ConfigError``s."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def merge(cfg: T, diff: Mapping[str, Any], where: str = "") -> T:
+    """A copy of ``cfg`` with the (nested) values of ``diff`` applied."""
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in diff.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key; known: {sorted(names)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            changes[key] = merge(current, value, path)
+        else:
+            changes[key] = _coerce(hints[key], value, path)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "data.features=[feat1CLS,feat3CLS]"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config diff."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from e
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def build(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base: T | None = None) -> T:
+    """Default (or ``base``) -> each file's diff -> dotted overrides."""
+    cfg = base if base is not None else cls()
+    for f in files:
+        try:
+            cfg = merge(cfg, load_file(f))
+        except ConfigError as e:
+            raise ConfigError(f"{f}: {e}") from None
+    if overrides:
+        cfg = merge(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (elem, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(elem, v, where) for v in value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value

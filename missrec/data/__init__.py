@@ -1,0 +1,1 @@
+"""Data: atomic files, synthetic catalogue, shards, batching."""

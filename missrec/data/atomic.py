@@ -1,0 +1,345 @@
+"""The UniSRec / MISSRec "atomic file" format: reader and writer.
+
+A domain ``D`` in folder ``root`` is a set of files:
+
+- ``D.train.inter`` / ``D.valid.inter`` / ``D.test.inter``: a header
+  ``user_id:token<TAB>item_id_list:token_seq<TAB>item_id:token``, then one row per sample:
+  user index, space-separated history of item indices (oldest first), target item index.
+- ``D.item2index`` / ``D.user2index``: ``raw_id<TAB>index`` (dense, 0-based).
+- ``D.text``: header ``item_id:token<TAB>text:token_seq``, then ``raw_item_id<TAB>text``.
+- ``D.<suffix>`` feature files (``feat1CLS`` text, ``feat3CLS`` image, ...): raw little-endian float32,
+  row ``i`` = item ``i``; an all-zero row means the modality is missing for that item.
+
+Item indices in files are 0-based. Every error names the file and the line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from missrec.errors import DataFormatError
+from missrec.io import atomic_open
+
+log = logging.getLogger(__name__)
+
+INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
+TEXT_HEADER = "item_id:token\ttext:token_seq"
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a domain in CSR layout.
+
+    ``users`` [N], ``targets`` [N], ``offsets`` [N + 1], ``items`` [T]: row ``i`` has history
+    ``items[offsets[i]:offsets[i + 1]]`` (oldest first) and next item ``targets[i]``.
+    """
+
+    users: np.ndarray
+    targets: np.ndarray
+    offsets: np.ndarray
+    items: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    def history(self, i: int) -> np.ndarray:
+        return self.items[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @staticmethod
+    def from_rows(rows: Sequence[tuple[int, Sequence[int], int]]) -> "Split":
+        users = np.asarray([r[0] for r in rows], dtype=np.int64)
+        targets = np.asarray([r[2] for r in rows], dtype=np.int64)
+        lens = np.asarray([len(r[1]) for r in rows], dtype=np.int64)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        items = np.fromiter((i for r in rows for i in r[1]), dtype=np.int64, count=int(offsets[-1]))
+        return Split(users, targets, offsets, items)
+
+    def last_rows_per_user(self) -> np.ndarray:
+        """Indices of each user's longest row (ties: the first). In the prefix layout of ``.train.inter``,
+        that row's history + target holds all of the user's training transitions."""
+        order = np.lexsort((-self.lengths, self.users))  # by user, then longest first
+        users = self.users[order]
+        first = np.ones(order.shape[0], dtype=bool)
+        first[1:] = users[1:] != users[:-1]
+        return np.sort(order[first])
+
+    def rows(self) -> Iterable[tuple[int, np.ndarray, int]]:
+        for i in range(len(self)):
+            yield int(self.users[i]), self.history(i), int(self.targets[i])
+
+
+@dataclass
+class Domain:
+    """A loaded domain. ``features`` maps a file suffix to a read-only ``[num_items, dim]`` float32 array."""
+
+    name: str
+    root: Path
+    num_items: int
+    num_users: int
+    splits: dict[str, Split]
+    item_ids: list[str] | None = None
+    user_ids: list[str] | None = None
+    texts: list[str] | None = None
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def train(self) -> Split:
+        return self.splits["train"]
+
+    @property
+    def valid(self) -> Split:
+        return self.splits["valid"]
+
+    @property
+    def test(self) -> Split:
+        return self.splits["test"]
+
+    def path(self, suffix: str) -> Path:
+        return self.root / f"{self.name}.{suffix}"
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_index_map(path: Path) -> list[str]:
+    """Read ``raw_id<TAB>index`` lines; indices must be exactly 0..n-1. Returns raw ids in index order."""
+    pairs: dict[int, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise DataFormatError(path, f"expected 'raw_id<TAB>index', got {line[:80]!r}", lineno)
+            raw, idx = parts
+            idx_i = _parse_int(idx, path, lineno, "index")
+            if idx_i in pairs:
+                raise DataFormatError(path, f"index {idx_i} appears twice", lineno)
+            pairs[idx_i] = raw
+    n = len(pairs)
+    if n and (min(pairs) != 0 or max(pairs) != n - 1):
+        raise DataFormatError(path, f"indices are not dense 0..{n - 1} (min {min(pairs)}, max {max(pairs)})")
+    return [pairs[i] for i in range(n)]
+
+
+def read_inter(path: Path, num_items: int | None, max_len: int | None = None) -> Split:
+    """Read a ``.inter`` file. Histories longer than ``max_len`` keep their last ``max_len`` items."""
+    users: list[int] = []
+    targets: list[int] = []
+    lens: list[int] = []
+    items: list[int] = []
+    with open(path, encoding="utf-8") as fh:
+        header = fh.readline().rstrip("\n")
+        if header != INTER_HEADER:
+            raise DataFormatError(path, f"wrong header {header[:120]!r}, expected {INTER_HEADER!r}", 1)
+        for lineno, line in enumerate(fh, 2):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 3:
+                raise DataFormatError(path, f"expected 3 tab-separated fields, got {len(parts)}", lineno)
+            user = _parse_int(parts[0], path, lineno, "user id")
+            hist_tokens = parts[1].split()
+            if not hist_tokens:
+                raise DataFormatError(path, "empty history", lineno)
+            hist = [_parse_int(t, path, lineno, "item id") for t in hist_tokens]
+            target = _parse_int(parts[2], path, lineno, "target item id")
+            if num_items is not None:
+                for it in (*hist, target):
+                    if it < 0 or it >= num_items:
+                        raise DataFormatError(
+                            path, f"item id {it} outside the item table (0..{num_items - 1})", lineno
+                        )
+            elif min(*hist, target) < 0:
+                raise DataFormatError(path, "negative item id", lineno)
+            if max_len is not None and len(hist) > max_len:
+                hist = hist[-max_len:]
+            users.append(user)
+            targets.append(target)
+            lens.append(len(hist))
+            items.extend(hist)
+    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lens, dtype=np.int64), out=offsets[1:])
+    return Split(
+        np.asarray(users, dtype=np.int64),
+        np.asarray(targets, dtype=np.int64),
+        offsets,
+        np.asarray(items, dtype=np.int64),
+    )
+
+
+def read_text(path: Path, item_ids: list[str] | None, num_items: int | None) -> list[str]:
+    """Read a ``.text`` file into a list indexed by item index (raw ids mapped through ``item_ids``)."""
+    index = {raw: i for i, raw in enumerate(item_ids)} if item_ids is not None else None
+    out: dict[int, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        header = fh.readline().rstrip("\n")
+        if header != TEXT_HEADER:
+            raise DataFormatError(path, f"wrong header {header[:120]!r}, expected {TEXT_HEADER!r}", 1)
+        for lineno, line in enumerate(fh, 2):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            raw, sep, text = line.partition("\t")
+            if not sep:
+                raise DataFormatError(path, "expected 'item_id<TAB>text'", lineno)
+            if index is not None:
+                if raw not in index:
+                    raise DataFormatError(path, f"item {raw!r} is not in the item table", lineno)
+                idx = index[raw]
+            else:
+                idx = _parse_int(raw, path, lineno, "item id")
+            out[idx] = text.strip()
+    n = num_items if num_items is not None else (max(out) + 1 if out else 0)
+    missing = [i for i in range(n) if i not in out]
+    if missing:
+        raise DataFormatError(path, f"{len(missing)} items have no text (first: index {missing[0]})")
+    return [out[i] for i in range(n)]
+
+
+def read_features(path: Path, num_items: int, dim: int | None = None, check_finite: bool = True) -> np.ndarray:
+    """Memory-map a raw float32 feature file as ``[num_items, dim]`` (dim inferred when not given).
+
+    Raises ``DataFormatError`` when the size does not divide into the item count, or (``check_finite``)
+    when a row holds NaN or inf: the error names the row as the "line".
+    """
+    size = path.stat().st_size
+    if size % 4:
+        raise DataFormatError(path, f"size {size} bytes is not a whole number of float32 values")
+    n_values = size // 4
+    if num_items <= 0:
+        raise DataFormatError(path, "the domain has no items")
+    if dim is None:
+        if n_values % num_items:
+            raise DataFormatError(
+                path, f"{n_values} float32 values do not divide into {num_items} items (size {size} bytes)"
+            )
+        dim = n_values // num_items
+    if n_values != num_items * dim:
+        raise DataFormatError(
+            path, f"expected {num_items} x {dim} float32 = {num_items * dim * 4} bytes, found {size}"
+        )
+    arr = np.memmap(path, dtype="<f4", mode="r", shape=(num_items, dim))
+    if check_finite:
+        step = max(1, (1 << 24) // max(dim, 1))
+        for start in range(0, num_items, step):
+            block = np.asarray(arr[start : start + step])
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                row = start + int(np.argmax(bad))
+                raise DataFormatError(path, f"row {row} (item {row}) holds NaN or inf", row)
+    return arr
+
+
+def load_domain(
+    root: str | Path,
+    name: str,
+    feature_suffixes: Sequence[str] = (),
+    feature_dims: dict[str, int] | None = None,
+    max_len: int | None = 50,
+    load_text: bool = True,
+) -> Domain:
+    """Load domain ``name`` from folder ``root``.
+
+    The item count comes from ``.item2index`` when present, else from ``.text``, else from the largest
+    item id in the splits. Feature files are memory-mapped read-only.
+    """
+    root = Path(root)
+    prefix = root / name
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data folder")
+    item_ids = read_index_map(Path(f"{prefix}.item2index")) if Path(f"{prefix}.item2index").exists() else None
+    user_ids = read_index_map(Path(f"{prefix}.user2index")) if Path(f"{prefix}.user2index").exists() else None
+    num_items = len(item_ids) if item_ids is not None else None
+    texts = None
+    text_path = Path(f"{prefix}.text")
+    if load_text and text_path.exists():
+        texts = read_text(text_path, item_ids, num_items)
+        num_items = len(texts) if num_items is None else num_items
+    splits = {}
+    for split in SPLITS:
+        p = Path(f"{prefix}.{split}.inter")
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: missing split file of domain {name!r}")
+        splits[split] = read_inter(p, num_items, max_len)
+    if num_items is None:
+        num_items = 1 + max(int(max(s.items.max(initial=-1), s.targets.max(initial=-1))) for s in splits.values())
+    num_users = len(user_ids) if user_ids is not None else 1 + max(int(s.users.max(initial=-1)) for s in splits.values())
+    features = {}
+    for suffix in feature_suffixes:
+        p = Path(f"{prefix}.{suffix}")
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: feature file {suffix!r} of domain {name!r} not found")
+        features[suffix] = read_features(p, num_items, (feature_dims or {}).get(suffix))
+    dom = Domain(name, root, num_items, num_users, splits, item_ids, user_ids, texts, features)
+    log.info(
+        "loaded %s from %s: %d items, %d users, %s rows, features %s",
+        name, root, num_items, num_users, {k: len(v) for k, v in splits.items()},
+        {k: tuple(v.shape) for k, v in features.items()},
+    )
+    return dom
+
+
+def _parse_int(tok: str, path: Path, lineno: int, what: str) -> int:
+    try:
+        return int(tok)
+    except ValueError:
+        raise DataFormatError(path, f"{what} {tok[:40]!r} is not an integer", lineno) from None
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def write_inter(path: str | Path, split: Split) -> None:
+    """Write a split as a ``.inter`` file, atomically."""
+    with atomic_open(path) as fh:
+        fh.write(INTER_HEADER + "\n")
+        for user, hist, target in split.rows():
+            fh.write(f"{user}\t{' '.join(map(str, hist.tolist()))}\t{target}\n")
+
+
+def write_index_map(path: str | Path, raw_ids: Sequence[str]) -> None:
+    with atomic_open(path) as fh:
+        for i, raw in enumerate(raw_ids):
+            fh.write(f"{raw}\t{i}\n")
+
+
+def write_text(path: str | Path, raw_ids: Sequence[str], texts: Sequence[str]) -> None:
+    with atomic_open(path) as fh:
+        fh.write(TEXT_HEADER + "\n")
+        for raw, text in zip(raw_ids, texts, strict=True):
+            fh.write(f"{raw}\t{_clean_field(text)}\n")
+
+
+def write_features(path: str | Path, feats: np.ndarray) -> None:
+    """Write ``[num_items, dim]`` features as raw little-endian float32, atomically."""
+    arr = np.ascontiguousarray(feats, dtype="<f4")
+    if arr.ndim != 2:
+        raise ValueError(f"features must be 2-D [num_items, dim], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"refusing to write NaN/inf features to {path}")
+    with atomic_open(path, "wb") as fh:
+        fh.write(arr.tobytes())
+
+
+def _clean_field(text: str) -> str:
+    return " ".join(text.replace("\t", " ").split())
+
+
+__all__ = [
+    "Domain", "Split", "load_domain", "read_inter", "read_text", "read_features", "read_index_map",
+    "write_inter", "write_text", "write_features", "write_index_map", "INTER_HEADER", "TEXT_HEADER",
+]

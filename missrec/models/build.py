@@ -1,0 +1,59 @@
+"""Build models from the run config (the one place where config fields become module arguments)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from missrec.config import RunConfig
+from missrec.models.missrec import MISSRec
+
+log = logging.getLogger(__name__)
+
+
+def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndarray]) -> MISSRec:
+    """MISSRec over the feature tables named by ``cfg.data.features`` (in that order)."""
+    from missrec.interests import InterestConfig
+
+    m = cfg.missrec
+    if m.mode not in ("transductive", "inductive"):
+        raise ValueError(f"missrec.mode must be 'transductive' or 'inductive', got {m.mode!r}")
+    if not cfg.data.features:
+        raise ValueError("MISSRec needs feature tables: set --features (e.g. feat1CLS,feat3CLS)")
+    knn = int(m.interest_knn) if m.interest_knn >= 1 else float(m.interest_knn)
+    interest_cfg = InterestConfig(
+        method=m.interest_method, cluster_ratio=m.interest_ratio, knn=knn, seed=cfg.train.seed
+    )
+    model = MISSRec(
+        num_items,
+        [np.asarray(features[s]) for s in cfg.data.features],
+        hidden=m.hidden, max_len=cfg.data.max_len, encoder_layers=m.encoder_layers,
+        decoder_layers=m.decoder_layers, heads=m.heads, inner=m.inner, dropout=m.dropout,
+        attn_dropout=m.attn_dropout, adapter=m.adapter, moe_experts=m.moe_experts,
+        use_ids=m.mode == "transductive", temperature=m.temperature, fusion=m.fusion,
+        interest_weight=m.interest_weight, interest_cfg=interest_cfg,
+    )
+    if cfg.pretrained:
+        load_backbone(model, cfg.pretrained)
+        n = model.set_trainable("adapters")
+    else:
+        n = model.set_trainable("all")
+    log.info("MISSRec (%s, %d modalities): %d trainable parameters", m.mode, model.num_modalities, n)
+    return model
+
+
+def load_backbone(model: MISSRec, path: str) -> None:
+    """Load a pre-trained checkpoint's transformer, positions and (shape-compatible) adapters."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and k not in (
+        "item_interest", "centroids")}
+    missing = [k for k in model.backbone_parameters() if k not in usable]
+    if missing:
+        raise ValueError(f"{path}: pre-trained checkpoint lacks backbone parameters {missing[:5]}")
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s", len(usable), path)

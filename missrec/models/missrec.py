@@ -1,0 +1,261 @@
+"""MISSRec: multi-modal interest-aware sequence representations (Wang et al., ACM MM 2023).
+
+One readable model file. Per item, one frozen feature vector per modality (text, image, ...; an
+all-zero row means the modality is missing and is masked everywhere). Each modality has its own
+adapter into the model width. Then:
+
+- **Interest discovery (MID)** — once per epoch (:meth:`MISSRec.refresh_interests`), the adapted item
+  tokens of all modalities are clustered (DPC-KNN on FAISS, or k-means); the result is the *interest
+  index*: one interest id per (item, modality) and the cluster centroids.
+- **Encoder** — a transformer over a sequence's distinct interests (centroid vectors, looked up without
+  gradient; no positions; padding masked).
+- **Decoder** — queries are the item sequence (sum of the item's present adapted modalities + position,
+  + ID embedding in transductive mode; LayerNorm, dropout); bidirectional self-attention, cross-attention
+  to the encoded interests. User representation: the output at the last real position, L2-normalised.
+- **Scoring with dynamic fusion** — per modality the cosine between the user and the normalised item
+  token; fused with softmax weights over the item's present modalities, ``softmax(cos_m * a)`` with a
+  learnable scalar ``a`` (0 = plain mean); transductive: ``(cos_id + 2 * fused) / 3``; divided by τ.
+
+Differences from the official code (gimpong/MM23-MISSRec), on purpose:
+
+- a missing modality is masked in the sequence sum and in the fusion (the official code adds the
+  adapter's bias vector for a zero feature row and scores it like any other);
+- distinct interests of a batch are computed vectorised, not with a Python loop over rows.
+
+Usage::
+
+    model = MISSRec(num_items, [text_feats, image_feats], use_ids=True)
+    model.refresh_interests()            # the trainer calls begin_epoch() for this
+    terms = model.loss(batch)            # {"loss", "ce", "interest_reg"}
+    scores = model.full_scores(batch)    # [B, num_items]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from missrec.data.batching import Batch
+from missrec.models.adapters import make_adapter
+from missrec.models.sasrec import gather_last
+
+if TYPE_CHECKING:
+    from missrec.interests.index import InterestIndex
+
+log = logging.getLogger(__name__)
+
+
+class MISSRec(nn.Module):
+    def __init__(
+        self,
+        num_items: int,
+        features: Sequence[np.ndarray | torch.Tensor],
+        hidden: int = 300,
+        max_len: int = 50,
+        encoder_layers: int = 1,
+        decoder_layers: int = 1,
+        heads: int = 4,
+        inner: int = 256,
+        dropout: float = 0.5,
+        attn_dropout: float = 0.5,
+        adapter: str = "linear",
+        moe_experts: int = 8,
+        use_ids: bool = True,
+        temperature: float = 0.07,
+        fusion: str = "dynamic",
+        interest_weight: float = 1e-4,
+        interest_cfg: "object | None" = None,
+    ) -> None:
+        super().__init__()
+        if not features:
+            raise ValueError("MISSRec needs at least one modality feature table")
+        if fusion not in ("dynamic", "mean"):
+            raise ValueError(f"fusion must be 'dynamic' or 'mean', got {fusion!r}")
+        self.num_items = num_items
+        self.num_modalities = len(features)
+        self.hidden = hidden
+        self.use_ids = use_ids
+        self.temperature = temperature
+        self.fusion = fusion
+        self.interest_weight = interest_weight
+        self.interest_cfg = interest_cfg
+        present = []
+        for m, f in enumerate(features):
+            t = torch.from_numpy(np.array(f, dtype=np.float32))  # a private copy (inputs may be read-only memmaps)
+            if t.shape[0] != num_items:
+                raise ValueError(f"feature table {m} has {t.shape[0]} rows, expected {num_items}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"feature table {m} holds NaN or inf")
+            # row 0 = padding (all zero), row i + 1 = item i
+            self.register_buffer(f"feat{m}", torch.cat([torch.zeros(1, t.shape[1]), t]), persistent=False)
+            present.append(torch.cat([torch.zeros(1, dtype=torch.bool), t.abs().sum(1) > 0]))
+        self.register_buffer("present", torch.stack(present, dim=1), persistent=False)  # [N + 1, M]
+        self.adapters = nn.ModuleList(
+            make_adapter(adapter, int(getattr(self, f"feat{m}").shape[1]), hidden, 0.0, moe_experts)
+            for m in range(self.num_modalities)
+        )
+        self.item_id = nn.Embedding(num_items + 1, hidden, padding_idx=0) if use_ids else None
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+        enc = nn.TransformerEncoderLayer(
+            hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
+        )
+        enc.self_attn.dropout = attn_dropout
+        self.encoder = nn.TransformerEncoder(enc, encoder_layers, enable_nested_tensor=False)
+        dec = nn.TransformerDecoderLayer(
+            hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
+        )
+        dec.self_attn.dropout = attn_dropout
+        dec.multihead_attn.dropout = attn_dropout
+        self.decoder = nn.TransformerDecoder(dec, decoder_layers)
+        self.fusion_factor = nn.Parameter(torch.zeros(()))
+        # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
+        self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
+        self.register_buffer("centroids", torch.zeros(1, hidden))
+        self._eval_tokens: torch.Tensor | None = None
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------ item tokens
+    def item_tokens(self) -> torch.Tensor:
+        """Adapted tokens of every item and modality: [M, N + 1, D] (row 0 = padding)."""
+        if self._eval_tokens is not None:
+            return self._eval_tokens
+        return torch.stack([ad(getattr(self, f"feat{m}")) for m, ad in enumerate(self.adapters)])
+
+    def begin_eval(self) -> None:
+        """Cache the item tokens for a whole evaluation pass (they do not change without gradients)."""
+        with torch.no_grad():
+            self._eval_tokens = None
+            self._eval_tokens = self.item_tokens()
+        if not self.has_interests:
+            self.refresh_interests()
+
+    def end_eval(self) -> None:
+        self._eval_tokens = None
+
+    # ------------------------------------------------------------------------------ interests
+    @property
+    def has_interests(self) -> bool:
+        return bool((self.item_interest[1:] >= 0).any())
+
+    @torch.no_grad()
+    def refresh_interests(self) -> dict[str, float]:
+        """Multi-modal interest discovery over all present item tokens; rebuilds the interest index."""
+        from missrec.interests import InterestConfig, discover_interests
+        from missrec.interests.index import InterestIndex, build_token_pool
+
+        t0 = time.perf_counter()
+        was_training = self.training
+        self.eval()
+        tokens = self.item_tokens()[:, 1:]  # [M, N, D]
+        self.train(was_training)
+        pool = build_token_pool(tokens, self.present[1:])
+        cfg = self.interest_cfg if self.interest_cfg is not None else InterestConfig()
+        result = discover_interests(pool.tokens.numpy(), cfg)
+        index = InterestIndex.from_result(result, pool)
+        dev = self.item_interest.device
+        self.item_interest = torch.cat(
+            [torch.full((1, self.num_modalities), -1, dtype=torch.long), index.item_interest]
+        ).to(dev)  # [N + 1, M]
+        self.centroids = index.centroids.to(dev, torch.float32)  # [C, D]
+        sizes = result.cluster_sizes()
+        secs = time.perf_counter() - t0
+        log.debug("MID: %d tokens -> %d interests in %.2fs", pool.tokens.shape[0], len(sizes), secs)
+        return {
+            "clusters": float(len(sizes)), "tokens": float(pool.tokens.shape[0]), "seconds": secs,
+            "max_size": float(sizes.max()), "mean_size": float(sizes.mean()),
+        }
+
+    def begin_epoch(self, epoch: int) -> dict[str, float]:
+        """Called by the trainer before each epoch: MID on the current adapted tokens."""
+        return self.refresh_interests()
+
+    def interest_index(self) -> "InterestIndex":
+        """The current interest index (item rows without the padding row)."""
+        from missrec.interests.index import InterestIndex
+
+        return InterestIndex(self.item_interest[1:], self.centroids)
+
+    # ------------------------------------------------------------------------------ forward
+    def encode(self, batch: Batch, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """User representation [B, D] (L2-normalised) and the interest regulariser (scalar)."""
+        batch = batch.trimmed()
+        seq = batch.seq  # [B, L]
+        length = seq.shape[1]
+        present = self.present[seq].to(tokens.dtype)  # [B, L, M]
+        x = torch.zeros(*seq.shape, self.hidden, device=seq.device, dtype=tokens.dtype)
+        for m in range(self.num_modalities):
+            x = x + tokens[m][seq] * present[..., m : m + 1]  # [B, L, D]
+        if self.item_id is not None:
+            x = x + self.item_id(seq)
+        x = x + self.pos_emb(torch.arange(length, device=seq.device))[None]
+        x = self.drop(self.norm(x))
+
+        ids, imask = self.interest_index().sequence_interests(seq)  # [B, K], -1 where padded
+        interest = self.centroids[ids.clamp(min=0)].detach()  # [B, K, D], looked up without gradient
+        memory = self.encoder(interest, src_key_padding_mask=~imask)  # [B, K, D]
+        w = imask.unsqueeze(-1).to(memory.dtype)
+        pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
+        reg = (pooled * pooled).sum(-1).mean() / self.hidden
+        h = self.decoder(x, memory, tgt_key_padding_mask=seq == 0, memory_key_padding_mask=~imask)  # [B, L, D]
+        user = F.normalize(gather_last(h, batch.seq_len), dim=-1)  # [B, D]
+        return user, reg
+
+    def score(self, user: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Dynamic-fusion scores of every item: ``user`` [B, D], ``tokens`` [M, N + 1, D] -> [B, N]."""
+        items = F.normalize(tokens[:, 1:], dim=-1)  # [M, N, D]
+        cos = torch.einsum("bd,mnd->bnm", user, items)  # [B, N, M]
+        present = self.present[1:]  # [N, M]
+        if self.num_modalities == 1:
+            fused = cos[..., 0] * present[:, 0]
+        else:
+            a = self.fusion_factor if self.fusion == "dynamic" else torch.zeros((), device=cos.device)
+            logits = (cos * a).masked_fill(~present, float("-inf"))
+            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an item with no modality: all zero
+            fused = (cos * weights).sum(-1)  # [B, N]
+        if self.item_id is not None:
+            ids = F.normalize(self.item_id.weight[1:], dim=-1)  # [N, D]
+            fused = (user @ ids.T + 2 * fused) / 3
+        return fused / self.temperature
+
+    def full_scores(self, batch: Batch) -> torch.Tensor:
+        """[B, num_items]."""
+        tokens = self.item_tokens()
+        user, _ = self.encode(batch, tokens)
+        return self.score(user, tokens)
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Fine-tuning: full-softmax cross-entropy over all items + the interest regulariser."""
+        tokens = self.item_tokens()
+        user, reg = self.encode(batch, tokens)
+        ce = F.cross_entropy(self.score(user, tokens), batch.target)
+        return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
+
+    # ------------------------------------------------------------------------------ transfer
+    def backbone_parameters(self) -> list[str]:
+        """Names of the parameters frozen in parameter-efficient fine-tuning (transformer + positions)."""
+        return [n for n, _ in self.named_parameters() if n.startswith(("encoder.", "decoder.", "pos_emb."))]
+
+    def set_trainable(self, mode: str) -> int:
+        """``"all"`` (from scratch) or ``"adapters"`` (after pre-training: freeze transformer and positions;
+        train adapters, input LayerNorm, fusion scalar and ID embedding). Returns the trainable count."""
+        if mode not in ("all", "adapters"):
+            raise ValueError(f"mode must be 'all' or 'adapters', got {mode!r}")
+        frozen = set(self.backbone_parameters()) if mode == "adapters" else set()
+        for name, p in self.named_parameters():
+            p.requires_grad_(name not in frozen)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,202 @@
+"""The single-process training loop: epochs, validation, early stopping, best checkpoint, test.
+
+The loop knows a model only through the small :class:`Recommender` protocol, and data only through
+callables that yield :class:`~missrec.data.batching.Batch` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from missrec.config import TrainConfig
+from missrec.data.batching import Batch
+from missrec.eval.metrics import RankingMetrics
+from missrec.train.rank_zero import RankZero
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Recommender(Protocol):
+    """What the loop needs of a model (an ``nn.Module``)."""
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Loss terms of a batch; key ``"loss"`` is the total that is minimised."""
+
+    def full_scores(self, batch: Batch) -> torch.Tensor:
+        """Scores of every item for each row: [B, num_items]."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class FitResult:
+    valid: dict[str, float]
+    test: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    seconds_per_epoch: float
+    eval_seconds_per_epoch: float
+    skipped_nonfinite: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "valid": self.valid,
+            "test": self.test,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "seconds": round(self.seconds, 2),
+            "seconds_per_epoch": round(self.seconds_per_epoch, 3),
+            "eval_seconds_per_epoch": round(self.eval_seconds_per_epoch, 3),
+            "skipped_nonfinite": self.skipped_nonfinite,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+    """Full-ranking Recall/NDCG@{10,50} of ``model`` over ``batches``."""
+    was_training = model.training
+    model.eval()
+    hook = getattr(model, "begin_eval", None)
+    if hook is not None:
+        hook()
+    metrics = RankingMetrics()
+    for batch in batches:
+        batch = batch.to(device)
+        metrics.update(model.full_scores(batch), batch.target)
+    end = getattr(model, "end_eval", None)
+    if end is not None:
+        end()
+    model.train(was_training)
+    return metrics.compute()
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Callable[[int], Iterable[Batch]],
+    eval_batches: Callable[[str], Iterable[Batch]],
+    cfg: TrainConfig,
+    out: RankZero,
+    steps_per_epoch: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> FitResult:
+    """Train with early stopping on validation NDCG@10, then test the best checkpoint.
+
+    ``train_batches(epoch)`` yields the epoch's training batches; ``eval_batches(split)`` yields the
+    ``"valid"`` or ``"test"`` batches. The best state is kept in memory and saved as ``best.pt``.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is None:
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    n_trainable = sum(p.numel() for p in params)
+    log.info("training on %s: %d trainable parameters, batch %d", device, n_trainable, cfg.batch_size)
+
+    best_score, best_epoch, best_state, best_valid = -math.inf, -1, None, {}
+    bad_epochs, skipped, global_step = 0, 0, 0
+    t_start = time.perf_counter()
+    train_time, eval_time, history = 0.0, 0.0, []
+    epoch = 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        hook = getattr(model, "begin_epoch", None)
+        if hook is not None:
+            for k, v in (hook(epoch) or {}).items():
+                out.scalars({f"interests/{k}": v}, global_step)
+        total, count, seqs = 0.0, 0, 0
+        bar = tqdm(
+            train_batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
+            disable=not cfg.progress, unit="batch",
+        )
+        for step, batch in enumerate(bar):
+            if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+                break
+            batch = batch.to(device)
+            terms = model.loss(batch)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                if cfg.nonfinite == "skip":
+                    skipped += 1
+                    log.warning("epoch %d step %d: non-finite loss skipped (%d so far)", epoch, step, skipped)
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                raise NonFiniteLossError(
+                    f"epoch {epoch} step {step}: loss is {loss.item()} for the batch of users "
+                    f"{batch.user[:8].tolist()}...; set train.nonfinite=skip to skip such steps"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                gnorm = None
+            optimizer.step()
+            global_step += 1
+            total += float(loss.detach())
+            count += 1
+            seqs += len(batch)
+            if global_step % 20 == 0:
+                vals = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
+                vals["train/lr"] = optimizer.param_groups[0]["lr"]
+                if gnorm is not None:
+                    vals["train/grad_norm"] = float(gnorm)
+                out.scalars(vals, global_step)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        epoch_train = time.perf_counter() - t0
+        train_time += epoch_train
+        out.scalars({"train/epoch_loss": total / max(count, 1), "train/seq_per_s": seqs / epoch_train}, epoch)
+
+        if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
+            continue
+        t1 = time.perf_counter()
+        valid = evaluate(model, eval_batches("valid"), device)
+        eval_time += time.perf_counter() - t1
+        out.scalars({f"valid/{k}": v for k, v in valid.items()}, epoch)
+        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, "train_s": epoch_train})
+        log.info(
+            "epoch %d: loss %.4f, %.1fs (%.0f seq/s), valid %s",
+            epoch, total / max(count, 1), epoch_train, seqs / epoch_train,
+            " ".join(f"{k}={v:.4f}" for k, v in valid.items()),
+        )
+        if valid["ndcg@10"] > best_score:
+            best_score, best_epoch, best_valid = valid["ndcg@10"], epoch, valid
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            bad_epochs = 0
+            out.save("best.pt", {"model": best_state, "epoch": epoch, "valid": valid})
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
+                break
+    epochs_run = epoch + 1
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test = evaluate(model, eval_batches("test"), device)
+    out.scalars({f"test/{k}": v for k, v in test.items()}, best_epoch)
+    seconds = time.perf_counter() - t_start
+    return FitResult(
+        valid=best_valid, test=test, best_epoch=best_epoch, epochs_run=epochs_run, seconds=seconds,
+        seconds_per_epoch=train_time / max(epochs_run, 1), eval_seconds_per_epoch=eval_time / max(epochs_run, 1),
+        skipped_nonfinite=skipped, history=history,
+    )

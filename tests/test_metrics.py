@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import torch
+
+from missrec.eval.metrics import RankingMetrics, target_ranks
+
+
+def naive_metrics(scores: np.ndarray, target: np.ndarray, ks=(10, 50)) -> dict[str, float]:
+    out = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    for s, t in zip(scores, target):
+        # stable descending sort: equal scores keep index order
+        order = sorted(range(len(s)), key=lambda i: (-s[i], i))
+        rank = order.index(int(t))
+        for k in ks:
+            if rank < k:
+                out[f"recall@{k}"] += 1
+                out[f"ndcg@{k}"] += 1 / math.log2(rank + 2)
+    return {k: v / len(target) for k, v in out.items()}
+
+
+def test_batched_metrics_match_naive_reference_with_ties():
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        b, n = 37, 120
+        # few distinct values -> many ties, including with the target
+        scores = rng.integers(0, 6 if trial % 2 else 1000, size=(b, n)).astype(np.float32)
+        target = rng.integers(0, n, size=b)
+        ref = naive_metrics(scores, target)
+        m = RankingMetrics()
+        for s in range(0, b, 10):  # several batches
+            m.update(torch.from_numpy(scores[s : s + 10]), torch.from_numpy(target[s : s + 10]))
+        got = m.compute()
+        for key in ref:
+            assert abs(got[key] - ref[key]) < 1e-9, (trial, key, got[key], ref[key])
+
+
+def test_tie_does_not_favour_target():
+    scores = torch.zeros(1, 100)
+    ranks = target_ranks(scores, torch.tensor([99]))
+    assert int(ranks[0]) == 99
+    ranks = target_ranks(scores, torch.tensor([0]))
+    assert int(ranks[0]) == 0
+
+
+def test_history_items_not_masked():
+    # the best-scored item is in the history; it still counts above the target
+    scores = torch.tensor([[5.0, 1.0, 3.0]])
+    assert int(target_ranks(scores, torch.tensor([2]))[0]) == 1

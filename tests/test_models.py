@@ -1,0 +1,102 @@
+"""SASRec and MISSRec: shapes, masking, frozen sets, and short trainings on the synthetic catalogue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from missrec.data.batching import collate
+from missrec.interests import InterestConfig
+from missrec.models.missrec import MISSRec
+from missrec.models.sasrec import SASRec
+
+
+def _tiny_missrec(num_items=12, use_ids=True, missing_image=(), dims=(8, 6), **kw):
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(num_items, dims[0])).astype(np.float32)
+    image = rng.normal(size=(num_items, dims[1])).astype(np.float32)
+    image[list(missing_image)] = 0.0
+    torch.manual_seed(0)
+    model = MISSRec(num_items, [text, image], hidden=16, max_len=10, heads=2, inner=32, use_ids=use_ids,
+                    interest_cfg=InterestConfig(cluster_ratio=0.5, knn=3), **kw)
+    model.refresh_interests()
+    return model
+
+
+def test_sasrec_shapes_and_causal_objective_covers_prefixes():
+    torch.manual_seed(0)
+    m = SASRec(20, max_len=8, hidden=16, heads=2, inner=32, dropout=0.0, attn_dropout=0.0)
+    batch = collate([(0, [1, 2, 3], 4), (1, [5], 6)], max_len=8)
+    assert m.full_scores(batch).shape == (2, 20)
+    # the causal loss on the full row equals the mean of the last-position losses of its prefixes
+    m.eval()
+    full = m.loss(batch)["ce"]
+    m.objective = "last"
+    prefixes = collate([(0, [1], 2), (0, [1, 2], 3), (0, [1, 2, 3], 4), (1, [5], 6)], max_len=8)
+    assert torch.allclose(full, m.loss(prefixes)["ce"], atol=1e-5)
+
+
+def test_missrec_shapes_padding_and_length_one():
+    m = _tiny_missrec()
+    m.eval()
+    batch = collate([(0, [1, 2, 3], 4), (1, [5], 6)], max_len=10)
+    s = m.full_scores(batch)
+    assert s.shape == (2, 12) and torch.isfinite(s).all()
+    # padding width does not change the result (the batch is trimmed, padding masked)
+    wide = collate([(0, [1, 2, 3], 4), (1, [5], 6)], max_len=10)
+    narrow = collate([(0, [1, 2, 3], 4), (1, [5], 6)], max_len=3)
+    assert torch.allclose(m.full_scores(wide), m.full_scores(narrow), atol=1e-5)
+    # a length-1 row scores the same alone and in a batch with a longer row
+    alone = m.full_scores(collate([(1, [5], 6)], max_len=10))
+    assert torch.allclose(alone[0], s[1], atol=1e-5)
+    terms = m.loss(batch)
+    assert set(terms) == {"loss", "ce", "interest_reg"} and torch.isfinite(terms["loss"])
+
+
+def test_missing_modality_is_masked():
+    m = _tiny_missrec(missing_image=(3, 4, 5))
+    m.eval()
+    assert not m.present[1 + 3, 1] and m.present[1 + 3, 0]
+    # missing image tokens get no interest id
+    assert (m.item_interest[1 + np.array([3, 4, 5]), 1] == -1).all()
+    # a sequence whose items all miss the image still works, and changing the (missing) image
+    # adapter's bias changes nothing for it
+    batch = collate([(0, [3, 4, 5], 1)], max_len=10)
+    before = m.full_scores(batch)
+    assert torch.isfinite(before).all()
+    with torch.no_grad():
+        m.adapters[1].proj.bias.add_(5.0)
+    after = m.full_scores(batch)
+    # scores of items that have an image change (their image token moved) but the user vector did not:
+    # compare on items whose image is missing too
+    assert torch.allclose(before[0, [3, 4, 5]], after[0, [3, 4, 5]], atol=1e-5)
+
+
+def test_interest_lookup_has_no_gradient_path():
+    m = _tiny_missrec()
+    m.train()
+    batch = collate([(0, [1, 2, 3], 4), (1, [5, 6], 7)], max_len=10)
+    m.loss(batch)["loss"].backward()
+    assert m.centroids.grad is None and not m.centroids.requires_grad
+    assert m.adapters[0].proj.weight.grad is not None and m.encoder.layers[0].linear1.weight.grad is not None
+
+
+@pytest.mark.parametrize("use_ids", [True, False])
+def test_frozen_sets(use_ids):
+    m = _tiny_missrec(use_ids=use_ids)
+    total = sum(p.numel() for p in m.parameters())
+    assert m.set_trainable("all") == total
+    n = m.set_trainable("adapters")
+    trainable = {name for name, p in m.named_parameters() if p.requires_grad}
+    assert not any(t.startswith(("encoder.", "decoder.", "pos_emb.")) for t in trainable)
+    expected = {"adapters.0.proj.weight", "adapters.0.proj.bias", "adapters.1.proj.weight", "adapters.1.proj.bias",
+                "norm.weight", "norm.bias", "fusion_factor"} | ({"item_id.weight"} if use_ids else set())
+    assert trainable == expected
+    assert n == sum(p.numel() for name, p in m.named_parameters() if name in expected) < total
+
+
+def test_moe_adapter_runs():
+    m = _tiny_missrec(adapter="moe", moe_experts=3)
+    batch = collate([(0, [1, 2, 3], 4)], max_len=10)
+    assert torch.isfinite(m.loss(batch)["loss"])
