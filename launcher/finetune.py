@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["sasrec", "missrec"], default=None)
     p.add_argument("--mode", choices=["transductive", "inductive"], default=None)
     p.add_argument("--features", default=None, help="comma-separated feature suffixes, e.g. feat1CLS,feat3CLS")
+    p.add_argument("--feature-dir", default=None, help="folder of the feature files, if not beside the data")
     p.add_argument("--pretrained", default=None, help="pre-trained checkpoint (launcher/export.py output)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--epochs", type=int, default=None)
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
+    logging.getLogger("missrec.train.loop").setLevel(logging.INFO)  # one line per epoch, even when quiet
 
     flags = [f"data.data_root={args.data_root}", f"data.domain={args.domain}", f"output_dir={args.output_dir}"]
     if args.model:
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         flags.append(f"missrec.mode={args.mode}")
     if args.features is not None:
         flags.append(f"data.features=[{args.features}]")
+    if args.feature_dir:
+        flags.append(f"data.feature_dir={args.feature_dir}")
     if args.pretrained:
         flags.append(f"pretrained={args.pretrained}")
     if args.epochs is not None:

@@ -28,6 +28,7 @@ class DataConfig:
     data_root: str = ""
     domain: str = ""
     features: tuple[str, ...] = ()  # feature-file suffixes, e.g. ("feat1CLS", "feat3CLS")
+    feature_dir: str = ""  # where the feature files live when not beside the atomic files
     max_len: int = 50
     num_workers: int = 0  # shard-reader worker processes
     skip_bad_shards: bool = False

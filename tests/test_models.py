@@ -100,3 +100,47 @@ def test_moe_adapter_runs():
     m = _tiny_missrec(adapter="moe", moe_experts=3)
     batch = collate([(0, [1, 2, 3], 4)], max_len=10)
     assert torch.isfinite(m.loss(batch)["loss"])
+
+
+def test_contrastive_masks_false_negatives():
+    from missrec.models.losses import in_batch_contrastive
+
+    logits = torch.tensor([[2.0, 5.0, 0.0], [5.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    keys = torch.tensor([7, 7, 3])  # rows 0 and 1 share their positive
+    masked = in_batch_contrastive(logits, keys)
+    # reference: row 0's denominator holds only itself and row 2
+    ref = torch.stack([
+        -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0],
+        -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0],
+        -torch.log_softmax(torch.tensor([0.0, 0.0, 1.0]), 0)[2],
+    ]).mean()
+    assert torch.allclose(masked, ref)
+    assert in_batch_contrastive(logits) > masked  # unmasked, the shared positive counts as a negative
+
+
+def test_item_drop_removes_same_items_in_every_modality():
+    from missrec.models.losses import drop_items
+
+    batch = collate([(0, [1, 2, 3, 4, 5, 6], 7), (1, [8], 9)], max_len=10)
+    g = torch.Generator().manual_seed(0)
+    view = drop_items(batch, 0.5, g)
+    assert view.seq_len[1] == 1 and view.seq[1, 0] == batch.seq[1, 0]  # never empties a row
+    kept = view.seq[0, : view.seq_len[0]].tolist()
+    assert 1 <= len(kept) < 6 and kept == sorted(kept)  # order kept, left-aligned
+    assert (view.seq[0, view.seq_len[0]:] == 0).all()
+    # modalities are looked up by item: a dropped item is gone from text and image alike
+    m = _tiny_missrec()
+    present_items = set(view.seq[0][view.seq[0] > 0].tolist())
+    text_tokens = m.feat0[view.seq[0]][: view.seq_len[0]]
+    image_tokens = m.feat1[view.seq[0]][: view.seq_len[0]]
+    assert torch.equal(text_tokens, m.feat0[sorted(present_items)])
+    assert torch.equal(image_tokens, m.feat1[sorted(present_items)])
+
+
+def test_pretrain_loss_runs_and_backprops():
+    m = _tiny_missrec(use_ids=False)
+    batch = collate([(0, [1, 2, 3], 4), (1, [5, 6], 4), (2, [7], 8)], max_len=10)
+    terms = m.pretrain_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert set(terms) == {"loss", "seq_item", "seq_seq", "interest_reg"}
+    terms["loss"].backward()
+    assert m.adapters[0].proj.weight.grad is not None

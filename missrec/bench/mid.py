@@ -12,7 +12,7 @@ import os
 import resource
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -92,7 +92,7 @@ class _RssSampler:
             self.peak = max(self.peak, self._rss())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> Self:
         self.peak = self._rss()
         self._thread.start()
         return self
@@ -117,7 +117,7 @@ def run_mid_benchmark(
     tokens: int,
     dim: int = 300,
     clusters_ratio: float = 0.02,
-    knn: int | float = 5,
+    knn: float = 5,
     method: str = "dpc_knn",
     seed: int = 0,
     exact_check_max: int = 20000,
@@ -134,7 +134,7 @@ def run_mid_benchmark(
     ``tokens <= exact_check_max`` (DPC-KNN only), kNN recall@k on the approximate path, and the
     memory of the official dense N x N float32 distance matrix.
     """
-    from missrec.interests import InterestConfig, discover_interests  # noqa: PLC0415
+    from missrec.interests import InterestConfig, discover_interests
 
     kwargs: dict[str, Any] = {}
     if approx_threshold is not None:
@@ -175,12 +175,15 @@ def run_mid_benchmark(
         "input_gib": x.nbytes / GIB,
         "cluster_size": _size_stats(sizes),
         "official_nxn_gib": tokens * tokens * 4 / GIB,
-        "info": {key: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for key, v in res.info.items()},
+        "info": {
+            key: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for key, v in res.info.items()
+        },
         "ari_vs_exact": None,
     }
     if method == "dpc_knn" and tokens <= exact_check_max:
-        from missrec.interests.dpc_knn import resolve_k  # noqa: PLC0415
-        from missrec.interests.reference import dpc_knn_exact  # noqa: PLC0415
+        from missrec.interests.dpc_knn import resolve_k
+        from missrec.interests.reference import dpc_knn_exact
 
         t0 = time.perf_counter()
         ref = dpc_knn_exact(x, res.num_clusters, resolve_k(tokens, knn), scale_by_dim=cfg.scale_by_dim)

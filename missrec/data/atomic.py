@@ -251,6 +251,7 @@ def load_domain(
     feature_dims: dict[str, int] | None = None,
     max_len: int | None = 50,
     load_text: bool = True,
+    feature_dir: str | Path | None = None,
 ) -> Domain:
     """Load domain ``name`` from folder ``root``.
 
@@ -280,7 +281,7 @@ def load_domain(
     num_users = len(user_ids) if user_ids is not None else 1 + max(int(s.users.max(initial=-1)) for s in splits.values())
     features = {}
     for suffix in feature_suffixes:
-        p = Path(f"{prefix}.{suffix}")
+        p = (Path(feature_dir) / f"{name}.{suffix}") if feature_dir else Path(f"{prefix}.{suffix}")
         if not p.exists():
             raise FileNotFoundError(f"{p}: feature file {suffix!r} of domain {name!r} not found")
         features[suffix] = read_features(p, num_items, (feature_dims or {}).get(suffix))

@@ -43,7 +43,7 @@ def discover_interests(tokens: np.ndarray | torch.Tensor, cfg: InterestConfig | 
     n = x.shape[0]
     c = resolve_num_clusters(n, cfg)
     if cfg.method == "kmeans":
-        from missrec.interests.kmeans import kmeans_interests  # noqa: PLC0415
+        from missrec.interests.kmeans import kmeans_interests
 
         return kmeans_interests(x, c, cfg)
     return dpc_knn(x, c, resolve_k(n, cfg.knn), cfg)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from missrec.errors import ConfigError
+from missrec.interests.knn import KnnSearcher, _progress
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class InterestConfig:
     """How to discover interests. ``num_clusters`` overrides ``cluster_ratio`` (C = round(ratio * N)).
 
     ``knn``: neighbours for the density, a count (int) or a fraction of N (float < 1).
-    ``approx_threshold``: pools of at least this many tokens use IVF-Flat (``nprobe`` lists probed,
-    ``nlist`` lists, default ``4 sqrt(N)``) instead of the exact flat index.
+    ``approx_threshold``: pools of at least this many tokens use an approximate kNN index
+    (``approx_method``, see :class:`missrec.interests.knn.KnnSearcher`) instead of the exact flat one.
     ``peak_expand``: on the approximate path, tokens with no denser token among their kNN are
     searched again with these larger k before the exact restricted search.
     """
@@ -50,8 +51,8 @@ class InterestConfig:
     knn: int | float = 5
     approx_threshold: int = 50_000
     approx_method: str = "auto"  # 'cells' (CPU default) | 'ivf' (FAISS IVF-Flat, GPU default) | 'auto'
-    nprobe: int = 16
-    nlist: int | None = None
+    nprobe: int | None = None  # cells probed per query; None: 8 ('cells') / 16 ('ivf')
+    nlist: int | None = None  # coarse cells; None: 2 sqrt(N) ('cells') / 4 sqrt(N) ('ivf')
     peak_expand: tuple[int, ...] = (64, 512)
     scale_by_dim: bool = True
     kmeans_niter: int = 20
@@ -71,8 +72,8 @@ class InterestConfig:
             raise ConfigError(f"knn must be a positive count or ratio, got {self.knn!r}")
         if isinstance(self.knn, float) and not self.knn.is_integer() and self.knn >= 1:
             raise ConfigError(f"knn as a ratio must be < 1, got {self.knn}")
-        if self.approx_threshold < 1 or self.nprobe < 1 or self.kmeans_niter < 1:
-            raise ConfigError("approx_threshold, nprobe and kmeans_niter must be >= 1")
+        if min(self.approx_threshold, self.kmeans_niter, self.nprobe or 1, self.nlist or 1) < 1:
+            raise ConfigError("approx_threshold, kmeans_niter, nprobe and nlist must be >= 1")
         if self.approx_method not in ("auto", "cells", "ivf"):
             raise ConfigError(f"approx_method must be 'auto', 'cells' or 'ivf', got {self.approx_method!r}")
         if self.use_gpu not in ("auto", True, False):
@@ -120,9 +121,7 @@ def as_token_matrix(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
         raise ValueError("tokens have width 0")
     bad = _nonfinite_rows(x)
     if bad.size:
-        raise ValueError(
-            f"{bad.size} token(s) contain NaN or inf; first bad row is {int(bad[0])}"
-        )
+        raise ValueError(f"{bad.size} token(s) contain NaN or inf; first bad row is {int(bad[0])}")
     return x
 
 
@@ -137,15 +136,15 @@ def _nonfinite_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
 
 def resolve_num_clusters(n: int, cfg: InterestConfig) -> int:
     """C from ``num_clusters`` or ``round(cluster_ratio * n)`` (at least 1); error when C > n."""
-    c = int(cfg.num_clusters) if cfg.num_clusters is not None else max(1, int(round(cfg.cluster_ratio * n)))
+    c = int(cfg.num_clusters) if cfg.num_clusters is not None else max(1, round(cfg.cluster_ratio * n))
     if c > n:
         raise ValueError(f"asked for {c} clusters but there are only {n} tokens")
     return c
 
 
-def resolve_k(n: int, knn: int | float) -> int:
+def resolve_k(n: int, knn: float) -> int:
     """Neighbour count from a count or a ratio of ``n``, clamped to 1..n-1."""
-    k = int(round(knn * n)) if isinstance(knn, float) and knn < 1 else int(knn)
+    k = round(knn * n) if isinstance(knn, float) and knn < 1 else int(knn)
     return max(1, min(k, n - 1))
 
 
@@ -258,11 +257,7 @@ def nearest_denser_bruteforce(
     xs = torch.from_numpy(x[order[:limit]]).to(device) - mu.to(device)
     xs_norm = (xs * xs).sum(1)  # [limit]
     best_pos = np.empty(pk.shape[0], dtype=np.int64)
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
-        bar = tqdm(total=pk.shape[0], desc="delta (peaks)", unit="tok", leave=False)
+    bar = _progress(pk.shape[0], "delta (peaks)", show_progress)
     for qs in range(0, pk.shape[0], chunk_q):
         qid = pk[qs : qs + chunk_q]
         qr = torch.from_numpy(pr[qs : qs + chunk_q]).to(device)  # [q]
@@ -274,7 +269,9 @@ def nearest_denser_bruteforce(
         lo = int(qr.min())
         for ps in range(0, hi, chunk_p):
             pe = min(hi, ps + chunk_p)
-            d2 = torch.addmm(qn[:, None] + xs_norm[None, ps:pe], q, xs[ps:pe].T, beta=1.0, alpha=-2.0)  # [q, b]
+            d2 = torch.addmm(
+                qn[:, None] + xs_norm[None, ps:pe], q, xs[ps:pe].T, beta=1.0, alpha=-2.0
+            )  # [q, b]
             if pe > lo:  # some candidates are not denser than some queries
                 pos = torch.arange(ps, pe, device=device)
                 d2.masked_fill_(pos[None, :] >= qr[:, None], float("inf"))
@@ -295,8 +292,6 @@ def nearest_denser_bruteforce(
 # ---------------------------------------------------------------------------- DPC-KNN
 def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None = None) -> ClusterResult:
     """DPC-KNN over tokens ``x`` [N, D] float32 (validated, see :func:`as_token_matrix`) into C clusters."""
-    from missrec.interests.knn import KnnSearcher  # noqa: PLC0415
-
     cfg = cfg or InterestConfig()
     n, d = x.shape
     scale = float(d) if cfg.scale_by_dim else 1.0
@@ -347,7 +342,7 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
             unresolved = unresolved[~f2]
             info[f"peaks_after_k{ke}"] = int(unresolved.size)
     if cfg.recall_sample > 0 and approximate:
-        from missrec.interests.knn import knn_recall  # noqa: PLC0415
+        from missrec.interests.reference import knn_recall
 
         t_r = time.perf_counter()
         info["knn_recall"] = knn_recall(searcher, k, cfg.recall_sample, cfg.seed)
@@ -358,7 +353,9 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
     del searcher
     if unresolved.size:
         device = "cuda" if (info.get("gpu") and torch.cuda.is_available()) else "cpu"
-        par = nearest_denser_bruteforce(x, unresolved, order, rank, device=device, show_progress=cfg.show_progress)
+        par = nearest_denser_bruteforce(
+            x, unresolved, order, rank, device=device, show_progress=cfg.show_progress
+        )
         parent[unresolved] = par
         delta2[unresolved] = pair_d2(x, unresolved, par[:, None])[:, 0]
     info["peaks_bruteforce"] = int(unresolved.size)

@@ -39,7 +39,9 @@ class TokenPool:
         return out.view(self.num_modalities, self.num_items).T.contiguous()  # [I, M]
 
 
-def build_token_pool(tokens: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray | None = None) -> TokenPool:
+def build_token_pool(
+    tokens: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray | None = None
+) -> TokenPool:
     """Pool the present tokens of ``tokens`` [M, I, D] given ``mask`` [I, M] bool (None: all present)."""
     t = torch.as_tensor(tokens).detach().to("cpu", torch.float32)
     if t.dim() != 3:
@@ -84,7 +86,7 @@ class InterestIndex:
         return int(self.centroids.shape[0])
 
     @classmethod
-    def from_result(cls, result: ClusterResult, pool: TokenPool) -> "InterestIndex":
+    def from_result(cls, result: ClusterResult, pool: TokenPool) -> InterestIndex:
         """Index from a clustering of ``pool.tokens`` (labels [T])."""
         return cls(pool.to_item_matrix(result.labels), torch.from_numpy(np.asarray(result.centroids)))
 
@@ -94,12 +96,14 @@ class InterestIndex:
         labels: np.ndarray | torch.Tensor,
         mask: np.ndarray | torch.Tensor,
         centroids: np.ndarray | torch.Tensor,
-    ) -> "InterestIndex":
+    ) -> InterestIndex:
         """Index from labels of the present tokens [mask.sum()] (modality-major) or of all M * I tokens,
         with ``mask`` [I, M] bool."""
         mk = torch.as_tensor(mask).to(torch.bool)
         i, m = mk.shape
-        lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).to(torch.int64)
+        lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).to(
+            torch.int64
+        )
         present = mk.T.reshape(-1)  # [M * I]
         full = torch.full((m * i,), -1, dtype=torch.int64)
         if lab.numel() == int(present.sum()):
@@ -110,7 +114,7 @@ class InterestIndex:
             raise ValueError(f"got {lab.numel()} labels for {int(present.sum())} present / {m * i} tokens")
         return cls(full.view(m, i).T.contiguous(), torch.as_tensor(centroids))
 
-    def to(self, device: torch.device | str) -> "InterestIndex":
+    def to(self, device: torch.device | str) -> InterestIndex:
         """Move both tensors to ``device`` (in place); returns self."""
         self.item_interest = self.item_interest.to(device)
         self.centroids = self.centroids.to(device)
@@ -157,7 +161,7 @@ class InterestIndex:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "InterestIndex":
+    def from_state_dict(cls, state: dict[str, Any]) -> InterestIndex:
         """Inverse of :meth:`state_dict`."""
         idx = cls(state["item_interest"], state["centroids"])
         if "num_clusters" in state and int(state["num_clusters"]) != idx.num_clusters:

@@ -67,5 +67,9 @@ def kmeans_interests(x: np.ndarray, num_clusters: int, cfg: InterestConfig | Non
         centroids=centroids,
         timings=timings,
         method="kmeans",
-        info={"niter": int(cfg.kmeans_niter), "gpu": gpu, "objective": float(km.obj[-1]) if len(km.obj) else None},
+        info={
+            "niter": int(cfg.kmeans_niter),
+            "gpu": gpu,
+            "objective": float(km.obj[-1]) if len(km.obj) else None,
+        },
     )

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ APPROX_METHODS = ("auto", "cells", "ivf")
 def import_faiss() -> Any:
     """Import FAISS or raise an ImportError that names the extras to install."""
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "FAISS is required for interest discovery: install the `cpu` extra "
@@ -42,14 +43,14 @@ def faiss_num_gpus(faiss: Any) -> int:
         return 0
     try:
         return int(fn())
-    except Exception:  # pragma: no cover - broken driver etc.
+    except RuntimeError:  # pragma: no cover - broken driver etc.
         return 0
 
 
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="tok", leave=False)
 
@@ -57,13 +58,12 @@ def _progress(total: int, desc: str, enabled: bool):
 class KnnSearcher:
     """Self-excluding kNN over the rows of ``x`` [N, D] (queries are rows of the pool itself).
 
-    Backends: ``flat`` (exact IndexFlatL2, used when ``approximate`` is False); ``ivf`` (FAISS
-    IVF-Flat, ``nlist ~ 4 sqrt(N)`` lists, ``nprobe`` probed; the default on GPU); ``cells`` (the
-    default on CPU): the same coarse k-means cells, but all queries of a cell are matched at once
-    against the members of its ``nprobe`` neighbouring cells with one BLAS matrix product, which on
-    CPU is several times faster than IVF-Flat's per-query list scans at the same recall.
-    A cell's neighbours are the cells its members vote for (their 2nd..4th nearest centroids),
-    topped up with the cells of the nearest centroids.
+    Backends: ``flat`` (exact IndexFlatL2; when ``approximate`` is False); ``ivf`` (FAISS IVF-Flat,
+    ``nlist ~ 4 sqrt(N)`` lists, ``nprobe`` = 16 probed; the default on GPU); ``cells`` (the default
+    on CPU): the same search semantics (each query scans its ``nprobe`` = 8 nearest of
+    ``nlist ~ 2 sqrt(N)`` k-means cells), executed cell by cell: every query probing a cell is matched
+    against its members with one BLAS product. On CPU that is several times faster than IVF-Flat's
+    per-query list scans at the same recall. Oversized cells are split (see ``_split_oversized``).
     """
 
     def __init__(
@@ -72,7 +72,7 @@ class KnnSearcher:
         *,
         approximate: bool,
         method: str = "auto",
-        nprobe: int = 16,
+        nprobe: int | None = None,
         nlist: int | None = None,
         train_per_list: int = 40,
         use_gpu: bool | str = "auto",
@@ -89,14 +89,7 @@ class KnnSearcher:
         self.show_progress = show_progress
         self.seed = int(seed)
         self.train_per_list = int(train_per_list)
-        self._pre_iq: np.ndarray | None = None  # [N, nprobe] coarse lists of each row (CPU IVF)
-        self._pre_dq: np.ndarray | None = None
-        try:
-            import torch  # noqa: PLC0415
-
-            faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
-        except Exception:  # pragma: no cover
-            pass
+        faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         ngpu = faiss_num_gpus(faiss)
         if use_gpu == "auto":
             self.on_gpu = ngpu > 0
@@ -115,7 +108,11 @@ class KnnSearcher:
         else:
             self.backend = method
         self.approximate = approximate
-        self.info: dict[str, Any] = {"approximate": approximate, "gpu": self.on_gpu, "knn_backend": self.backend}
+        self.info: dict[str, Any] = {
+            "approximate": approximate,
+            "gpu": self.on_gpu,
+            "knn_backend": self.backend,
+        }
 
         t0 = time.perf_counter()
         self.nlist = self.nprobe = 0
@@ -123,9 +120,10 @@ class KnnSearcher:
             self.index = self._maybe_gpu(faiss.IndexFlatL2(d))
             self.index.add(self.x)
         else:
-            self.nlist = int(nlist or round(4 * math.sqrt(n)))
+            cells = self.backend == "cells"
+            self.nlist = int(nlist or round((2 if cells else 4) * math.sqrt(n)))
             self.nlist = max(1, min(self.nlist, n // 4))
-            self.nprobe = max(1, min(int(nprobe), self.nlist))
+            self.nprobe = max(1, min(int(nprobe or (8 if cells else 16)), self.nlist))
             centroids = self._train_coarse()
             self.info["train_seconds"] = time.perf_counter() - t0
             if self.backend == "ivf":
@@ -148,8 +146,14 @@ class KnnSearcher:
         rng = np.random.default_rng(self.seed)
         sample = self.x if ntrain >= self.n else self.x[np.sort(rng.choice(self.n, ntrain, replace=False))]
         km = self.faiss.Kmeans(
-            self.d, self.nlist, niter=10, seed=self.seed, gpu=self.on_gpu, verbose=False,
-            min_points_per_centroid=1, max_points_per_centroid=max(self.train_per_list, 1),
+            self.d,
+            self.nlist,
+            niter=10,
+            seed=self.seed,
+            gpu=self.on_gpu,
+            verbose=False,
+            min_points_per_centroid=1,
+            max_points_per_centroid=max(self.train_per_list, 1),
         )
         km.train(sample)
         self.info["train_points"] = int(ntrain)
@@ -160,13 +164,12 @@ class KnnSearcher:
         return centroids
 
     def _split_oversized(self, sample: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-        """Rebalance cells: a cell holding over twice the mean share of the sample gets extra centroids
-        (random members of it, one per mean share), then a few Lloyd iterations refine all of them.
+        """Rebalance cells: a cell holding over twice the mean share of the sample is replaced by
+        ``ceil(share / mean)`` sub-centroids from a small k-means on its members.
 
         k-means cells on clustered data are very uneven, and search work grows with sum(size^2).
         """
-        faiss = self.faiss
-        q = faiss.IndexFlatL2(self.d)
+        q = self.faiss.IndexFlatL2(self.d)
         q.add(centroids)
         _, a = q.search(sample, 1)
         a = a[:, 0]
@@ -175,21 +178,20 @@ class KnnSearcher:
         big = np.flatnonzero(cnt > max(2.0 * mean, 8))
         if big.size == 0:
             return centroids
-        rng = np.random.default_rng(self.seed + 1)
         order = np.argsort(a, kind="stable")
         starts = np.concatenate([[0], np.cumsum(cnt)])
-        extra = []
-        for c in big.tolist():
-            members = order[starts[c] : starts[c + 1]]
-            extra.append(rng.choice(members, int(math.ceil(cnt[c] / mean)) - 1, replace=False))
-        init = np.ascontiguousarray(np.concatenate([centroids, sample[np.concatenate(extra)]]))
-        km = faiss.Kmeans(
-            self.d, init.shape[0], niter=4, seed=self.seed, gpu=self.on_gpu, verbose=False,
-            min_points_per_centroid=1, max_points_per_centroid=1 << 20,
+        jobs = [
+            (sample[order[starts[c] : starts[c + 1]]], math.ceil(cnt[c] / mean), self.seed + c) for c in big
+        ]
+        keep = np.ones(centroids.shape[0], dtype=bool)
+        keep[big] = False
+        with _single_threaded_torch() as pool:
+            subs = list(pool.map(lambda job: _lloyd(*job), jobs))
+        out = np.ascontiguousarray(np.concatenate([centroids[keep], *subs]))
+        logger.debug(
+            "coarse cells: split %d oversized, %d -> %d centroids", big.size, centroids.shape[0], out.shape[0]
         )
-        km.train(sample, init_centroids=init)
-        logger.debug("coarse cells: %d oversized, %d -> %d centroids", big.size, centroids.shape[0], init.shape[0])
-        return np.ascontiguousarray(km.centroids, dtype=np.float32)
+        return out
 
     def _assign(self, centroids: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray, Any]:
         """``p`` nearest centroids of every row: (dist2 [N, p] float32, ids [N, p] int64, quantizer)."""
@@ -215,19 +217,9 @@ class KnnSearcher:
         index.nprobe = self.nprobe
         index.is_trained = True  # the quantizer holds trained centroids; IVF-Flat needs nothing else
         self._quantizer = quantizer  # keep the Python object alive alongside the index
-        if self.on_gpu:
-            self.index = self._maybe_gpu(index)
-            self.index.add(self.x)
-            return
-        # CPU: one coarse pass gives both each row's list (for add) and its probes (for search)
-        dq, iq, _ = self._assign(centroids, self.nprobe)
+        self.index = self._maybe_gpu(index)
         for s in range(0, self.n, self.chunk):
-            e = min(self.n, s + self.chunk)
-            ids = np.arange(s, e, dtype=np.int64)
-            assign = np.ascontiguousarray(iq[s:e, 0])
-            index.add_core(e - s, faiss.swig_ptr(self.x[s:e]), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
-        self.index = index
-        self._pre_iq, self._pre_dq = iq, dq
+            self.index.add(self.x[s : s + self.chunk])
 
     def _build_cells(self, centroids: np.ndarray) -> None:
         _, iq, _ = self._assign(centroids, self.nprobe)
@@ -242,7 +234,9 @@ class KnnSearcher:
         self.info["largest_cell"] = int(counts.max())
 
     # ------------------------------------------------------------------ search
-    def search_rows(self, rows: np.ndarray | None, k: int, desc: str = "knn") -> tuple[np.ndarray, np.ndarray]:
+    def search_rows(
+        self, rows: np.ndarray | None, k: int, desc: str = "knn"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """kNN of the pool's own rows ``rows`` [n] (all rows if None), the row itself excluded.
 
         Returns ``dist2`` [n, k] float32 and ``idx`` [n, k] int64, sorted by distance.
@@ -258,22 +252,18 @@ class KnnSearcher:
         bad = np.flatnonzero((out_i < 0).any(axis=1))
         if bad.size:  # too few candidates (tiny cells / lists): exact search for those rows
             logger.debug("kNN: %d rows short of %d neighbours; searching them exactly", bad.size, k)
+            from missrec.interests.reference import exact_knn_sample
+
             out_d[bad], out_i[bad] = exact_knn_sample(self.x, rows[bad], k)
         return out_d, out_i
 
     def _search_faiss(self, rows: np.ndarray, k: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
         out_d = np.empty((len(rows), k), dtype=np.float32)
         out_i = np.empty((len(rows), k), dtype=np.int64)
-        use_pre = self._pre_iq is not None
         bar = _progress(len(rows), desc, self.show_progress and len(rows) > self.chunk)
         for s in range(0, len(rows), self.chunk):
             r = rows[s : s + self.chunk]
-            q = self.x[r]  # [c, D]
-            if use_pre:
-                iq, dq = np.ascontiguousarray(self._pre_iq[r]), np.ascontiguousarray(self._pre_dq[r])
-                d, i = self.index.search_preassigned(q, k + 1, iq, dq)
-            else:
-                d, i = self.index.search(q, k + 1)
+            d, i = self.index.search(self.x[r], k + 1)  # the row itself is (almost always) among k + 1
             out_d[s : s + len(r)], out_i[s : s + len(r)] = _drop_self(d, i, r, k)
             if bar is not None:
                 bar.update(len(r))
@@ -281,7 +271,9 @@ class KnnSearcher:
             bar.close()
         return out_d, out_i
 
-    def _search_cells(self, rows: np.ndarray, k: int, desc: str, budget: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+    def _search_cells(
+        self, rows: np.ndarray, k: int, desc: str, budget: int = 1 << 23
+    ) -> tuple[np.ndarray, np.ndarray]:
         """IVF semantics (each query scans its ``nprobe`` nearest cells), executed list by list: all the
         queries probing one cell are matched against its members with one BLAS product, then the
         per-probe top-k are merged. Batches of rows bound the [n, nprobe, k] buffers."""
@@ -299,8 +291,6 @@ class KnnSearcher:
         return out_d, out_i
 
     def _search_cells_batch(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch  # noqa: PLC0415
-
         n, p = len(rows), self.nprobe
         buf_d = np.full((n, p, k), np.inf, dtype=np.float32)  # per-probe top-k
         buf_i = np.full((n, p, k), -1, dtype=np.int64)
@@ -310,14 +300,9 @@ class KnnSearcher:
         bounds = np.append(first, len(order))
         jobs = [(c, order[a:b]) for c, a, b in zip(uniq.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())]
         jobs.sort(key=lambda j: -len(j[1]) * int(self.starts[j[0] + 1] - self.starts[j[0]]))  # big first
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)  # many small products: run cells on threads, each op single-threaded
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, saved)) as pool:
-                for fut in [pool.submit(self._cell_job, rows, c, ent, k, buf_d, buf_i) for c, ent in jobs]:
-                    fut.result()
-        finally:
-            torch.set_num_threads(saved)
+        with _single_threaded_torch() as pool:  # many small products: cells in parallel, ops single-threaded
+            for fut in [pool.submit(self._cell_job, rows, c, ent, k, buf_d, buf_i) for c, ent in jobs]:
+                fut.result()
         # merge the p lists of k: [n, p*k] -> k best
         flat_d = torch.from_numpy(buf_d.reshape(n, p * k))
         v, j = torch.topk(flat_d, k, dim=1, largest=False, sorted=True)
@@ -325,12 +310,16 @@ class KnnSearcher:
         return v.numpy(), ids
 
     def _cell_job(
-        self, rows: np.ndarray, c: int, ent: np.ndarray, k: int, buf_d: np.ndarray, buf_i: np.ndarray,
+        self,
+        rows: np.ndarray,
+        c: int,
+        ent: np.ndarray,
+        k: int,
+        buf_d: np.ndarray,
+        buf_i: np.ndarray,
         budget: int = 1 << 23,
     ) -> None:
         """Queries ``rows[ent // p]`` that probe cell ``c`` against c's members; fills their probe slot."""
-        import torch  # noqa: PLC0415
-
         p = self.nprobe
         members = self.perm[self.starts[c] : self.starts[c + 1]]  # [m]
         m = members.shape[0]
@@ -352,17 +341,14 @@ class KnnSearcher:
             if own.size:
                 d2[torch.from_numpy(own), torch.from_numpy(self.pos_in_cell[qrow[own]])] = float("inf")
             v, j = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
-            buf_d[qi, slot, :kk] = v.clamp_min_(0).numpy()
-            buf_i[qi, slot, :kk] = members[j.numpy()]
-            if own.size and kk == m:  # the self entry (inf) was kept: blank it
-                bad = ~np.isfinite(buf_d[qi[own], slot[own], :kk])
-                buf_i[qi[own][:, None].repeat(kk, 1)[bad], slot[own][:, None].repeat(kk, 1)[bad],
-                      np.broadcast_to(np.arange(kk), bad.shape)[bad]] = -1
+            v = v.clamp_min_(0).numpy()
+            ids = members[j.numpy()]
+            ids[np.isinf(v)] = -1  # the excluded self, when a cell has no more than k members
+            buf_d[qi, slot, :kk], buf_i[qi, slot, :kk] = v, ids
 
     def close(self) -> None:
         """Free the index and cached probe lists."""
         self.index = None
-        self._pre_iq = self._pre_dq = None
         self.probes = None
 
 
@@ -376,37 +362,32 @@ def _drop_self(d: np.ndarray, i: np.ndarray, rows: np.ndarray, k: int) -> tuple[
     return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
-def exact_knn_sample(
-    x: np.ndarray, rows: np.ndarray, k: int, budget: int = 1 << 24
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force kNN (self excluded) of rows ``rows`` of ``x`` [N, D]: ``(dist2 [n, k], idx [n, k])``.
+class _single_threaded_torch:
+    """Thread pool (one worker per torch thread) while torch ops run single-threaded: on shared
+    cores many tiny multi-threaded ops stall in their barriers; independent single-threaded ones do not."""
 
-    Memory O(budget) floats for the [chunk, N] distance tiles.
-    """
-    import torch  # noqa: PLC0415
+    def __enter__(self) -> ThreadPoolExecutor:
+        self._saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self._saved))
+        return self._pool
 
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    norms = (xt * xt).sum(1)  # [N]
-    chunk = max(1, budget // xt.shape[0])
-    outs_d, outs_i = [], []
-    if len(rows) == 0:
-        return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
-    for s in range(0, len(rows), chunk):
-        r = torch.from_numpy(np.asarray(rows[s : s + chunk], dtype=np.int64))
-        q = xt[r]  # [c, D]
-        d2 = norms[r, None] + norms[None, :] - 2.0 * (q @ xt.T)  # [c, N]
-        d2[torch.arange(len(r)), r] = float("inf")
-        v, i = torch.topk(d2, k, dim=1, largest=False)
-        outs_d.append(v.clamp_min_(0).numpy())
-        outs_i.append(i.numpy())
-    return np.concatenate(outs_d), np.concatenate(outs_i)
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+        torch.set_num_threads(self._saved)
 
 
-def knn_recall(searcher: KnnSearcher, k: int, sample: int = 1000, seed: int = 0) -> float:
-    """Recall@k of ``searcher`` against brute force on ``sample`` random rows (1.0 for a flat index)."""
+def _lloyd(points: np.ndarray, parts: int, seed: int, iters: int = 8) -> np.ndarray:
+    """Small seeded k-means of ``points`` [n, D] into ``parts`` centroids [parts, D] (float32)."""
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(searcher.n, min(sample, searcher.n), replace=False))
-    _, approx = searcher.search_rows(rows, k, desc="recall")
-    _, exact = exact_knn_sample(searcher.x, rows, approx.shape[1])
-    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact))
-    return hits / float(exact.size)
+    x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
+    parts = min(parts, x.shape[0])
+    cen = x[torch.from_numpy(rng.choice(x.shape[0], parts, replace=False))].clone()
+    for _ in range(iters):
+        d2 = torch.addmm((cen * cen).sum(1)[None, :], x, cen.T, alpha=-2.0)  # [n, parts] up to |x|^2
+        lab = d2.argmin(1)
+        sums = torch.zeros_like(cen).index_add_(0, lab, x)
+        cnt = torch.bincount(lab, minlength=parts)
+        filled = cnt > 0
+        cen[filled] = sums[filled] / cnt[filled, None].float()
+    return cen.numpy()

@@ -215,21 +215,25 @@ class MISSRec(nn.Module):
         user = F.normalize(gather_last(h, batch.seq_len), dim=-1)  # [B, D]
         return user, reg
 
-    def score(self, user: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Dynamic-fusion scores of every item: ``user`` [B, D], ``tokens`` [M, N + 1, D] -> [B, N]."""
-        items = F.normalize(tokens[:, 1:], dim=-1)  # [M, N, D]
-        cos = torch.einsum("bd,mnd->bnm", user, items)  # [B, N, M]
-        present = self.present[1:]  # [N, M]
+    def score(self, user: torch.Tensor, tokens: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Dynamic-fusion scores: ``user`` [B, D], ``tokens`` [M, N + 1, D], candidate ``items`` [C]
+        (item index + 1; default every item) -> [B, C]."""
+        if items is None:
+            cand, present = tokens[:, 1:], self.present[1:]  # [M, N, D], [N, M]
+        else:
+            cand, present = tokens[:, items], self.present[items]
+        cand = F.normalize(cand, dim=-1)
+        cos = torch.einsum("bd,mnd->bnm", user, cand)  # [B, C, M]
         if self.num_modalities == 1:
             fused = cos[..., 0] * present[:, 0]
         else:
             a = self.fusion_factor if self.fusion == "dynamic" else torch.zeros((), device=cos.device)
             logits = (cos * a).masked_fill(~present, float("-inf"))
             weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an item with no modality: all zero
-            fused = (cos * weights).sum(-1)  # [B, N]
+            fused = (cos * weights).sum(-1)  # [B, C]
         if self.item_id is not None:
-            ids = F.normalize(self.item_id.weight[1:], dim=-1)  # [N, D]
-            fused = (user @ ids.T + 2 * fused) / 3
+            idw = self.item_id.weight[1:] if items is None else self.item_id.weight[items]
+            fused = (user @ F.normalize(idw, dim=-1).T + 2 * fused) / 3
         return fused / self.temperature
 
     def full_scores(self, batch: Batch) -> torch.Tensor:
@@ -244,6 +248,24 @@ class MISSRec(nn.Module):
         user, reg = self.encode(batch, tokens)
         ce = F.cross_entropy(self.score(user, tokens), batch.target)
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
+
+    def pretrain_loss(
+        self, batch: Batch, drop_prob: float = 0.2, seq_seq_weight: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Pre-training: in-batch sequence-item contrastive loss (rows with the same target are not
+        negatives of each other) + ``seq_seq_weight`` x sequence-sequence contrastive loss between the
+        batch and an item-drop view + the interest regulariser on both views."""
+        from missrec.models.losses import drop_items, in_batch_contrastive
+
+        tokens = self.item_tokens()
+        user, reg = self.encode(batch, tokens)  # [B, D]
+        view, reg_view = self.encode(drop_items(batch, drop_prob, generator), tokens)
+        seq_item = in_batch_contrastive(self.score(user, tokens, batch.target + 1), keys=batch.target)
+        seq_seq = in_batch_contrastive(user @ view.T / self.temperature, keys=batch.user)
+        reg_total = reg + reg_view
+        loss = seq_item + seq_seq_weight * seq_seq + self.interest_weight * reg_total
+        return {"loss": loss, "seq_item": seq_item, "seq_seq": seq_seq, "interest_reg": reg_total}
 
     # ------------------------------------------------------------------------------ transfer
     def backbone_parameters(self) -> list[str]:

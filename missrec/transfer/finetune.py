@@ -59,7 +59,11 @@ class DomainData:
             from missrec.data.atomic import load_domain
 
             self.shards = None
-            self.domain = load_domain(root, d.domain, d.features, max_len=d.max_len)
+            if not (root / f"{d.domain}.train.inter").exists() and (root / d.domain / f"{d.domain}.train.inter").exists():
+                root = root / d.domain  # a catalogue folder with one sub-folder per domain
+            self.domain = load_domain(
+                root, d.domain, d.features, max_len=d.max_len, feature_dir=d.feature_dir or None
+            )
             self.num_items = self.domain.num_items
             self.features = dict(self.domain.features)
             self.num_train = len(self.domain.train)

@@ -1,0 +1,78 @@
+"""Benchmarks; each prints one JSON object.
+
+    python launcher/bench.py loader --data-root ../shared/datasets/scientific --domain Scientific
+    python launcher/bench.py mid --tokens 100000 --dim 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+
+def cmd_loader(args: argparse.Namespace) -> dict:
+    from missrec.bench.loader import run_loader_benchmark
+    from missrec.bench.train_rate import sasrec_training_rate
+    from missrec.data.atomic import load_domain
+    from missrec.data.shards import shards_exist, write_domain_shards
+
+    folder = Path(args.shards) if args.shards else Path(tempfile.mkdtemp(prefix="bench-shards-")) / args.domain
+    if not shards_exist(folder):
+        dom = load_domain(args.data_root, args.domain)
+        write_domain_shards(dom, folder, samples_per_shard=args.samples_per_shard, show_progress=False)
+    reader = run_loader_benchmark(folder, batch_size=512, num_workers=args.workers, epochs=2)
+    causal = sasrec_training_rate(folder, batch_size=128, steps=args.steps, objective="causal")
+    last = sasrec_training_rate(folder, batch_size=512, steps=max(args.steps // 3, 5), objective="last")
+    return {
+        "reader_sequences_per_second": reader["sequences_per_second"],
+        "reader_workers": args.workers,
+        "sasrec_causal_sequences_per_second": causal["sequences_per_second"],
+        "sasrec_last_rows_per_second": last["sequences_per_second"],
+        "ratio_vs_causal": round(reader["sequences_per_second"] / causal["sequences_per_second"], 1),
+        "ratio_vs_last": round(reader["sequences_per_second"] / last["sequences_per_second"], 1),
+        "reader": reader, "sasrec_causal": causal, "sasrec_last": last,
+    }
+
+
+def cmd_mid(args: argparse.Namespace) -> dict:
+    from missrec.bench.mid import run_mid_benchmark
+
+    return run_mid_benchmark(
+        args.tokens, dim=args.dim, clusters_ratio=args.ratio, knn=args.knn, method=args.method, seed=args.seed,
+        exact_check_max=args.exact_check_max, show_progress=not args.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lo = sub.add_parser("loader", help="shard reader rate vs SASRec training consumption")
+    lo.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/scientific"))
+    lo.add_argument("--domain", default="Scientific")
+    lo.add_argument("--shards", default=None, help="existing shard folder (written if missing)")
+    lo.add_argument("--samples-per-shard", type=int, default=5000)
+    lo.add_argument("--workers", type=int, default=2)
+    lo.add_argument("--steps", type=int, default=30)
+    lo.set_defaults(fn=cmd_loader)
+    mid = sub.add_parser("mid", help="interest discovery on N random clustered tokens")
+    mid.add_argument("--tokens", type=int, required=True)
+    mid.add_argument("--dim", type=int, default=300)
+    mid.add_argument("--ratio", type=float, default=0.02)
+    mid.add_argument("--knn", type=float, default=5)
+    mid.add_argument("--method", choices=["dpc_knn", "kmeans"], default="dpc_knn")
+    mid.add_argument("--seed", type=int, default=0)
+    mid.add_argument("--exact-check-max", type=int, default=20000)
+    mid.add_argument("--quiet", action="store_true")
+    mid.set_defaults(fn=cmd_mid)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    print(json.dumps(args.fn(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""How fast a model's training consumes sequences (for comparison with the reader's rate)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from missrec.config import SASRecConfig
+from missrec.data.shards import ShardSource
+from missrec.models.sasrec import SASRec
+
+
+def sasrec_training_rate(
+    folder: str | Path, batch_size: int = 128, steps: int = 30, objective: str = "causal", max_len: int = 50,
+    seed: int = 0,
+) -> dict:
+    """Train SASRec (paper settings) for ``steps`` steps from the shards in ``folder`` (reader with no
+    workers, so the time is the training's own plus its reading) and return sequences per second."""
+    torch.manual_seed(seed)
+    src = ShardSource(folder)
+    c = SASRecConfig()
+    model = SASRec(src.num_items, max_len, c.hidden, c.layers, c.heads, c.inner, c.dropout, c.attn_dropout, objective)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    batches = src.batches(
+        "train", batch_size, seed=seed, max_len=max_len, last_per_user=objective == "causal", group_by_length=True
+    )
+    seqs = done = 0
+    t0 = None
+    for batch in batches:
+        if done == 2 and t0 is None:  # two warm-up steps
+            t0, seqs = time.perf_counter(), 0
+        loss = model.loss(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seqs += len(batch)
+        done += 1
+        if done >= steps + 2:
+            break
+    dt = time.perf_counter() - t0 if t0 is not None else float("nan")
+    return {
+        "objective": objective, "batch_size": batch_size, "steps": done - 2, "sequences": seqs,
+        "seconds": round(dt, 3), "sequences_per_second": round(seqs / dt, 1), "threads": torch.get_num_threads(),
+    }
