@@ -16,9 +16,9 @@ Item indices in files are 0-based. Every error names the file and the line.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class Split:
         return np.diff(self.offsets)
 
     @staticmethod
-    def from_rows(rows: Sequence[tuple[int, Sequence[int], int]]) -> "Split":
+    def from_rows(rows: Sequence[tuple[int, Sequence[int], int]]) -> Split:
         users = np.asarray([r[0] for r in rows], dtype=np.int64)
         targets = np.asarray([r[2] for r in rows], dtype=np.int64)
         lens = np.asarray([len(r[1]) for r in rows], dtype=np.int64)
@@ -341,6 +341,17 @@ def _clean_field(text: str) -> str:
 
 
 __all__ = [
-    "Domain", "Split", "load_domain", "read_inter", "read_text", "read_features", "read_index_map",
-    "write_inter", "write_text", "write_features", "write_index_map", "INTER_HEADER", "TEXT_HEADER",
+    "INTER_HEADER",
+    "TEXT_HEADER",
+    "Domain",
+    "Split",
+    "load_domain",
+    "read_features",
+    "read_index_map",
+    "read_inter",
+    "read_text",
+    "write_features",
+    "write_index_map",
+    "write_inter",
+    "write_text",
 ]

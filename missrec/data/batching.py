@@ -13,8 +13,8 @@ Histories longer than ``max_len`` keep their most recent ``max_len`` items.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +36,10 @@ class Batch:
     def __len__(self) -> int:
         return int(self.seq.shape[0])
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
-    def trimmed(self) -> "Batch":
+    def trimmed(self) -> Batch:
         """The same batch with ``seq`` cut to the longest real history in it: ``[B, max(seq_len)]``."""
         longest = int(self.seq_len.max())
         if longest == self.seq.shape[1]:

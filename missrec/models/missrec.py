@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class MISSRec(nn.Module):
         temperature: float = 0.07,
         fusion: str = "dynamic",
         interest_weight: float = 1e-4,
-        interest_cfg: "object | None" = None,
+        interest_cfg: object | None = None,
     ) -> None:
         super().__init__()
         if not features:
@@ -184,7 +185,7 @@ class MISSRec(nn.Module):
         """Called by the trainer before each epoch: MID on the current adapted tokens."""
         return self.refresh_interests()
 
-    def interest_index(self) -> "InterestIndex":
+    def interest_index(self) -> InterestIndex:
         """The current interest index (item rows without the padding row)."""
         from missrec.interests.index import InterestIndex
 

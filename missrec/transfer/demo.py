@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class DemoConfig:
     out: str = "runs/demo"
     epochs: int = 15
     threads: int = 2
-    catalogue: SyntheticConfig = SyntheticConfig()
+    catalogue: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 SMALL_MODEL = [

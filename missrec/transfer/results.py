@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 HEAD = ("R@10", "N@10", "R@50", "N@50")
