@@ -66,7 +66,7 @@ class SASRecConfig:
     inner: int = 256
     dropout: float = 0.5
     attn_dropout: float = 0.5
-    objective: str = "causal"  # causal: loss at every position of each user's sequence | last: per prefix row
+    objective: str = "last"  # last: per prefix row (RecBole, the paper's row) | causal: every position of a user's longest row
 
 
 @dataclass(frozen=True)

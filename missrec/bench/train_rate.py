@@ -13,7 +13,7 @@ from missrec.models.sasrec import SASRec
 
 
 def sasrec_training_rate(
-    folder: str | Path, batch_size: int = 128, steps: int = 30, objective: str = "causal", max_len: int = 50,
+    folder: str | Path, batch_size: int = 512, steps: int = 15, objective: str = "last", max_len: int = 50,
     seed: int = 0,
 ) -> dict:
     """Train SASRec (paper settings) for ``steps`` steps from the shards in ``folder`` (reader with no

@@ -52,7 +52,7 @@ class InterestConfig:
     approx_threshold: int = 50_000
     approx_method: str = "auto"  # 'cells' (CPU default) | 'ivf' (FAISS IVF-Flat, GPU default) | 'auto'
     nprobe: int | None = None  # cells probed per query; None: 8 ('cells') / 16 ('ivf')
-    nlist: int | None = None  # coarse cells; None: 2 sqrt(N) ('cells') / 4 sqrt(N) ('ivf')
+    nlist: int | None = None  # coarse k-means cells; None: 4 sqrt(N) (oversized cells are split further)
     peak_expand: tuple[int, ...] = (64, 512)
     scale_by_dim: bool = True
     kmeans_niter: int = 20

@@ -61,7 +61,7 @@ class KnnSearcher:
     Backends: ``flat`` (exact IndexFlatL2; when ``approximate`` is False); ``ivf`` (FAISS IVF-Flat,
     ``nlist ~ 4 sqrt(N)`` lists, ``nprobe`` = 16 probed; the default on GPU); ``cells`` (the default
     on CPU): the same search semantics (each query scans its ``nprobe`` = 8 nearest of
-    ``nlist ~ 2 sqrt(N)`` k-means cells), executed cell by cell: every query probing a cell is matched
+    ``nlist ~ 4 sqrt(N)`` k-means cells), executed cell by cell: every query probing a cell is matched
     against its members with one BLAS product. On CPU that is several times faster than IVF-Flat's
     per-query list scans at the same recall. Oversized cells are split (see ``_split_oversized``).
     """
@@ -74,7 +74,7 @@ class KnnSearcher:
         method: str = "auto",
         nprobe: int | None = None,
         nlist: int | None = None,
-        train_per_list: int = 40,
+        train_per_list: int = 20,
         use_gpu: bool | str = "auto",
         seed: int = 0,
         chunk: int = DEFAULT_CHUNK,
@@ -121,7 +121,7 @@ class KnnSearcher:
             self.index.add(self.x)
         else:
             cells = self.backend == "cells"
-            self.nlist = int(nlist or round((2 if cells else 4) * math.sqrt(n)))
+            self.nlist = int(nlist or round(4 * math.sqrt(n)))
             self.nlist = max(1, min(self.nlist, n // 4))
             self.nprobe = max(1, min(int(nprobe or (8 if cells else 16)), self.nlist))
             centroids = self._train_coarse()
@@ -163,35 +163,38 @@ class KnnSearcher:
         self.nprobe = min(self.nprobe, self.nlist)
         return centroids
 
-    def _split_oversized(self, sample: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-        """Rebalance cells: a cell holding over twice the mean share of the sample is replaced by
-        ``ceil(share / mean)`` sub-centroids from a small k-means on its members.
-
-        k-means cells on clustered data are very uneven, and search work grows with sum(size^2).
-        """
-        q = self.faiss.IndexFlatL2(self.d)
-        q.add(centroids)
-        _, a = q.search(sample, 1)
-        a = a[:, 0]
-        cnt = np.bincount(a, minlength=centroids.shape[0])
-        mean = sample.shape[0] / centroids.shape[0]
-        big = np.flatnonzero(cnt > max(2.0 * mean, 8))
-        if big.size == 0:
-            return centroids
-        order = np.argsort(a, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(cnt)])
-        jobs = [
-            (sample[order[starts[c] : starts[c + 1]]], math.ceil(cnt[c] / mean), self.seed + c) for c in big
-        ]
-        keep = np.ones(centroids.shape[0], dtype=bool)
-        keep[big] = False
-        with _single_threaded_torch() as pool:
-            subs = list(pool.map(lambda job: _lloyd(*job), jobs))
-        out = np.ascontiguousarray(np.concatenate([centroids[keep], *subs]))
-        logger.debug(
-            "coarse cells: split %d oversized, %d -> %d centroids", big.size, centroids.shape[0], out.shape[0]
-        )
-        return out
+    def _split_oversized(self, sample: np.ndarray, centroids: np.ndarray, rounds: int = 4) -> np.ndarray:
+        """Rebalance cells: a cell holding over twice the target share of the sample (sample / nlist) is
+        replaced by ``ceil(share / target)`` sub-centroids from a small k-means on its members; repeated
+        while some cell is oversized. k-means cells on clustered high-dimensional data are very uneven
+        ("hub" centroids averaging many clusters draw probes from everywhere), and search work grows
+        with sum(size * probes)."""
+        target = sample.shape[0] / centroids.shape[0]
+        for r in range(rounds):
+            q = self.faiss.IndexFlatL2(self.d)
+            q.add(centroids)
+            a = q.search(sample, 1)[1][:, 0]
+            cnt = np.bincount(a, minlength=centroids.shape[0])
+            big = np.flatnonzero(cnt > max(2.0 * target, 8))
+            if big.size == 0:
+                break
+            order = np.argsort(a, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(cnt)])
+            jobs = [
+                (
+                    sample[order[starts[c] : starts[c + 1]]],
+                    math.ceil(cnt[c] / target),
+                    self.seed + r * 7919 + c,
+                )
+                for c in big
+            ]
+            keep = np.ones(centroids.shape[0], dtype=bool)
+            keep[big] = False
+            with _single_threaded_torch() as pool:
+                subs = list(pool.map(lambda job: _lloyd(*job), jobs))
+            logger.debug("coarse cells, round %d: split %d oversized of %d", r, big.size, centroids.shape[0])
+            centroids = np.ascontiguousarray(np.concatenate([centroids[keep], *subs]))
+        return centroids
 
     def _assign(self, centroids: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray, Any]:
         """``p`` nearest centroids of every row: (dist2 [N, p] float32, ids [N, p] int64, quantizer)."""
@@ -378,14 +381,22 @@ class _single_threaded_torch:
 
 
 def _lloyd(points: np.ndarray, parts: int, seed: int, iters: int = 8) -> np.ndarray:
-    """Small seeded k-means of ``points`` [n, D] into ``parts`` centroids [parts, D] (float32)."""
+    """Small seeded k-means (k-means++ start) of ``points`` [n, D] into ``parts`` centroids (float32)."""
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
     parts = min(parts, x.shape[0])
-    cen = x[torch.from_numpy(rng.choice(x.shape[0], parts, replace=False))].clone()
+    picks = [int(rng.integers(x.shape[0]))]
+    d2 = ((x - x[picks[0]]) ** 2).sum(1)  # [n] distance to the nearest pick
+    for _ in range(1, parts):
+        w = d2.double().clamp_min(0).numpy()
+        picks.append(
+            int(rng.choice(x.shape[0], p=w / w.sum())) if w.sum() > 0 else int(rng.integers(x.shape[0]))
+        )
+        d2 = torch.minimum(d2, ((x - x[picks[-1]]) ** 2).sum(1))
+    cen = x[torch.tensor(picks)].clone()
     for _ in range(iters):
-        d2 = torch.addmm((cen * cen).sum(1)[None, :], x, cen.T, alpha=-2.0)  # [n, parts] up to |x|^2
-        lab = d2.argmin(1)
+        dist = torch.addmm((cen * cen).sum(1)[None, :], x, cen.T, alpha=-2.0)  # [n, parts] up to |x|^2
+        lab = dist.argmin(1)
         sums = torch.zeros_like(cen).index_add_(0, lab, x)
         cnt = torch.bincount(lab, minlength=parts)
         filled = cnt > 0

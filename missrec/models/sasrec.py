@@ -6,11 +6,13 @@ Post-LN blocks with GELU, as RecBole's implementation that the paper's baseline 
 
 Two training objectives over the same (prefix -> next item) pairs:
 
+- ``"last"`` (RecBole's, the default, what the paper's row used): cross-entropy at the last position of
+  every prefix row.
 - ``"causal"`` (SASRec's own): cross-entropy at every real position of a user's full training sequence.
   Causal attention makes position ``t`` see exactly the prefix ending at ``t``, so one row per user
   (its longest, ``train_rows == "last_per_user"``) covers every prefix row of ``.train.inter`` once,
-  at about a third of the compute and a quarter of the optimizer steps.
-- ``"last"`` (RecBole's): cross-entropy at the last position of every prefix row.
+  at about a third of the compute. Measured on Scientific it selects a worse model (validation NDCG@10
+  0.0573 against 0.0607 for ``"last"``), so it is an option, not the default.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class SASRec(nn.Module):
         inner: int = 256,
         dropout: float = 0.5,
         attn_dropout: float = 0.5,
-        objective: str = "causal",
+        objective: str = "last",
     ) -> None:
         super().__init__()
         if objective not in ("causal", "last"):
