@@ -26,7 +26,7 @@ def _tiny_missrec(num_items=12, use_ids=True, missing_image=(), dims=(8, 6), **k
 
 def test_sasrec_shapes_and_causal_objective_covers_prefixes():
     torch.manual_seed(0)
-    m = SASRec(20, max_len=8, hidden=16, heads=2, inner=32, dropout=0.0, attn_dropout=0.0)
+    m = SASRec(20, max_len=8, hidden=16, heads=2, inner=32, dropout=0.0, attn_dropout=0.0, objective="causal")
     batch = collate([(0, [1, 2, 3], 4), (1, [5], 6)], max_len=8)
     assert m.full_scores(batch).shape == (2, 20)
     # the causal loss on the full row equals the mean of the last-position losses of its prefixes
