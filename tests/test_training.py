@@ -56,3 +56,30 @@ def test_missrec_beats_sasrec_on_synthetic(synthetic_root, tmp_path):
                "data.features=[feat1CLS,feat3CLS]")
     assert mis["test"]["ndcg@10"] > sas["test"]["ndcg@10"], (mis["test"], sas["test"])
     assert mis["trainable_parameters"] > 0
+
+
+@pytest.mark.slow
+def test_finetune_from_backbone_saves_small_adapter(synthetic_root, tmp_path):
+    from missrec.models.build import build_missrec
+    from missrec.transfer.artefacts import BackboneMismatchError, load_adapter
+
+    feats = ["model=missrec", "missrec.mode=transductive", "data.features=[feat1CLS,feat3CLS]"]
+    scratch = _run(synthetic_root, tmp_path, "scratch", *feats, "train.epochs=2")
+    backbone = tmp_path / "scratch" / "best.pt"
+    tuned = _run(synthetic_root, tmp_path, "tuned", *feats, "train.epochs=2", f"pretrained={backbone}")
+    assert tuned["trainable_parameters"] < scratch["trainable_parameters"]
+    assert tuned["adapter_bytes"] < tuned["backbone_bytes"]
+    # the adapter loads on top of the backbone and reproduces the fine-tuned model's test metrics
+    cfg = build(RunConfig, [], [f"data.data_root={synthetic_root}", "data.domain=Office", *SMALL, *feats,
+                                f"pretrained={backbone}"])
+    dom = load_domain(synthetic_root / "Office", "Office", ["feat1CLS", "feat3CLS"])
+    model = build_missrec(cfg, dom.num_items, dom.features)
+    load_adapter(model, tmp_path / "tuned" / "adapter.pt", backbone)
+    tuned_state = torch.load(tmp_path / "tuned" / "best.pt", weights_only=True)["model"]
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), tuned_state[name]), name
+    # another backbone is refused
+    other = tmp_path / "other.pt"
+    other.write_bytes(backbone.read_bytes() + b"x")
+    with pytest.raises(BackboneMismatchError, match="sha256"):
+        load_adapter(model, tmp_path / "tuned" / "adapter.pt", other)

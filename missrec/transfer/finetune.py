@@ -157,6 +157,12 @@ def run_finetune(cfg: RunConfig) -> dict[str, Any]:
     metrics = result.to_json()
     metrics["trainable_parameters"] = trainable
     metrics["total_parameters"] = total
+    if cfg.pretrained and out.is_zero:
+        from missrec.transfer.artefacts import save_adapter
+
+        size = save_adapter(model, out.run_dir / "adapter.pt", cfg.pretrained, {"domain": cfg.data.domain})
+        metrics["adapter_bytes"] = size
+        metrics["backbone_bytes"] = Path(cfg.pretrained).stat().st_size
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     out.write_json("metrics.json", metrics)
     out.write_json("history.json", result.history)

@@ -1,0 +1,60 @@
+"""Per-domain adapter artefacts: only the trainable parameters of a fine-tuned model, plus the sha256 of
+the backbone checkpoint they were trained on top of (loading checks it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from missrec.io import atomic_open, sha256_file
+
+FORMAT = "missrec-adapter/1"
+
+
+class BackboneMismatchError(ValueError):
+    pass
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of the parameters that train (``requires_grad``), detached, on CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, path: str | Path, backbone: str | Path, extra: dict[str, Any] | None = None) -> int:
+    """Write the trainable parameters of ``model`` and the backbone's hash; returns the file size in bytes."""
+    state = {
+        "format": FORMAT,
+        "backbone_sha256": sha256_file(backbone),
+        "backbone_path": str(backbone),
+        "params": trainable_state(model),
+        "extra": extra or {},
+    }
+    with atomic_open(path, "wb") as fh:
+        torch.save(state, fh)
+    return Path(path).stat().st_size
+
+
+def load_adapter(model: nn.Module, path: str | Path, backbone: str | Path) -> dict[str, Any]:
+    """Load an adapter onto a model that already holds ``backbone``; refuses another backbone."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} adapter file")
+    digest = sha256_file(backbone)
+    if digest != state["backbone_sha256"]:
+        raise BackboneMismatchError(
+            f"{path}: adapter was trained on backbone sha256 {state['backbone_sha256'][:16]}... "
+            f"({state.get('backbone_path')}), but {backbone} has sha256 {digest[:16]}..."
+        )
+    own = dict(model.named_parameters())
+    unknown = sorted(set(state["params"]) - set(own))
+    if unknown:
+        raise ValueError(f"{path}: adapter holds parameters the model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for name, t in state["params"].items():
+            if own[name].shape != t.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, model has {tuple(own[name].shape)}")
+            own[name].copy_(t)
+    return state.get("extra", {})
