@@ -29,6 +29,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as fh:
             yield fh
             fh.flush()
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; artefacts are meant to be shared
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)

@@ -46,7 +46,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -71,7 +70,7 @@ from missrec.data.atomic import (
 )
 from missrec.data.batching import DEFAULT_MAX_LEN, Batch, collate
 from missrec.errors import DataFormatError
-from missrec.io import _fsync_dir, sha256_file, write_json
+from missrec.io import _fsync_dir, atomic_open, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +106,14 @@ class _HashingFile:
 
 
 def _write_shard(path: Path, samples: Iterable[dict[str, Any]], mtime: int) -> tuple[int, str, int]:
-    """Write one tar shard to a temp sibling, fsync, rename. Returns (samples, sha256, bytes)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write one tar shard atomically (temp sibling, fsync, rename). Returns (samples, sha256, bytes)."""
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            hf = _HashingFile(fh)
-            with wds.TarWriter(hf, encoder=False, user="missrec", group="missrec", mtime=mtime) as tw:
-                for sample in samples:
-                    tw.write(sample)
-                    count += 1
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; shards are meant to be shared read-only
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "wb") as fh:
+        hf = _HashingFile(fh)
+        with wds.TarWriter(hf, encoder=False, user="missrec", group="missrec", mtime=mtime) as tw:
+            for sample in samples:
+                tw.write(sample)
+                count += 1
     return count, hf.sha.hexdigest(), hf.nbytes
 
 

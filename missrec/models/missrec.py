@@ -44,7 +44,7 @@ from torch import nn
 
 from missrec.data.batching import Batch
 from missrec.models.adapters import make_adapter
-from missrec.models.sasrec import gather_last
+from missrec.models.sasrec import gather_last, init_weights
 
 if TYPE_CHECKING:
     from missrec.interests.index import InterestIndex
@@ -121,14 +121,7 @@ class MISSRec(nn.Module):
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(1, hidden))
         self._eval_tokens: torch.Tensor | None = None
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     # ------------------------------------------------------------------------------ item tokens
     def item_tokens(self) -> torch.Tensor:

@@ -30,6 +30,17 @@ def gather_last(hidden: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, idx).squeeze(1)
 
 
+def init_weights(m: nn.Module) -> None:
+    """BERT-style init shared by the models: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class SASRec(nn.Module):
     def __init__(
         self,
@@ -61,17 +72,7 @@ class SASRec(nn.Module):
         # attention dropout is a separate knob in SASRec/RecBole
         layer.self_attn.dropout = attn_dropout
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Causal encoder output at every position: [B, L', D] with ``L' = max(seq_len)``."""
