@@ -90,6 +90,7 @@ class MISSRecConfig:
     interest_weight: float = 1e-4  # weight of the interest regulariser
     use_interests: bool = True
     fusion: str = "dynamic"  # dynamic | mean
+    final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class InterestConfig:
     nprobe: int | None = None  # cells probed per query; None: 8 ('cells') / 16 ('ivf')
     nlist: int | None = None  # coarse k-means cells; None: 4 sqrt(N) (oversized cells are split further)
     peak_expand: tuple[int, ...] = (64, 512)
+    peak_nprobe_factor: int = 4  # the peak searches probe this many times more cells
     scale_by_dim: bool = True
     kmeans_niter: int = 20
     seed: int = 0
@@ -62,6 +63,7 @@ class InterestConfig:
     recall_sample: int = 0  # >0: measure the approximate kNN's recall@k on this many rows (diagnostic)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "peak_expand", tuple(int(v) for v in self.peak_expand))
         if self.method not in METHODS:
             raise ConfigError(f"interest method must be one of {METHODS}, got {self.method!r}")
         if not (0.0 < float(self.cluster_ratio) <= 1.0):
@@ -72,8 +74,19 @@ class InterestConfig:
             raise ConfigError(f"knn must be a positive count or ratio, got {self.knn!r}")
         if isinstance(self.knn, float) and not self.knn.is_integer() and self.knn >= 1:
             raise ConfigError(f"knn as a ratio must be < 1, got {self.knn}")
-        if min(self.approx_threshold, self.kmeans_niter, self.nprobe or 1, self.nlist or 1) < 1:
-            raise ConfigError("approx_threshold, kmeans_niter, nprobe and nlist must be >= 1")
+        if (
+            min(
+                self.approx_threshold,
+                self.kmeans_niter,
+                self.nprobe or 1,
+                self.nlist or 1,
+                self.peak_nprobe_factor,
+            )
+            < 1
+        ):
+            raise ConfigError(
+                "approx_threshold, kmeans_niter, nprobe, nlist and peak_nprobe_factor must be >= 1"
+            )
         if self.approx_method not in ("auto", "cells", "ivf"):
             raise ConfigError(f"approx_method must be 'auto', 'cells' or 'ivf', got {self.approx_method!r}")
         if self.use_gpu not in ("auto", True, False):
@@ -280,10 +293,8 @@ def nearest_denser_bruteforce(
             best = torch.where(upd, v, best)
             arg = torch.where(upd, j + ps, arg)
         best_pos[qs : qs + len(qid)] = arg.cpu().numpy()
-        if bar is not None:
-            bar.update(len(qid))
-    if bar is not None:
-        bar.close()
+        bar.update(len(qid))
+    bar.close()
     parents = np.empty(peaks.shape[0], dtype=np.int64)
     parents[np.argsort(rank[peaks], kind="stable")] = order[best_pos]
     return parents
@@ -333,7 +344,8 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
         for ke in cfg.peak_expand:
             if unresolved.size == 0 or ke <= k:
                 continue
-            _, ei = searcher.search_rows(unresolved, ke, desc=f"peaks k={ke}")
+            wide = searcher.nprobe * cfg.peak_nprobe_factor
+            _, ei = searcher.search_rows(unresolved, ke, desc=f"peaks k={ke}", nprobe=wide)
             ed2, ei = sort_neighbours(pair_d2(x, unresolved, ei), ei)
             c2, f2 = first_denser(rank, unresolved, ei)
             hit = unresolved[f2]

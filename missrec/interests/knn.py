@@ -47,12 +47,11 @@ def faiss_num_gpus(faiss: Any) -> int:
         return 0
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar; disabled (``update`` / ``close`` do nothing) unless ``enabled``."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tok", leave=False)
+    return tqdm(total=total, desc=desc, unit="tok", leave=False, disable=not enabled)
 
 
 class KnnSearcher:
@@ -91,22 +90,13 @@ class KnnSearcher:
         self.train_per_list = int(train_per_list)
         faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         ngpu = faiss_num_gpus(faiss)
-        if use_gpu == "auto":
-            self.on_gpu = ngpu > 0
-        elif use_gpu:
-            if ngpu == 0:
-                raise RuntimeError("use_gpu=True but FAISS sees no GPU (is the faiss-gpu build installed?)")
-            self.on_gpu = True
-        else:
-            self.on_gpu = False
+        if use_gpu is True and ngpu == 0:
+            raise RuntimeError("use_gpu=True but FAISS sees no GPU (is the faiss-gpu build installed?)")
+        self.on_gpu = ngpu > 0 if use_gpu == "auto" else bool(use_gpu)
         if method not in APPROX_METHODS:
             raise ValueError(f"approximate kNN method must be one of {APPROX_METHODS}, got {method!r}")
-        if not approximate:
-            self.backend = "flat"
-        elif method == "auto":
-            self.backend = "ivf" if self.on_gpu else "cells"
-        else:
-            self.backend = method
+        auto = "ivf" if self.on_gpu else "cells"
+        self.backend = "flat" if not approximate else auto if method == "auto" else method
         self.approximate = approximate
         self.info: dict[str, Any] = {
             "approximate": approximate,
@@ -206,10 +196,8 @@ class KnnSearcher:
         for s in range(0, self.n, self.chunk):
             e = min(self.n, s + self.chunk)
             dq[s:e], iq[s:e] = quantizer.search(self.x[s:e], p)
-            if bar is not None:
-                bar.update(e - s)
-        if bar is not None:
-            bar.close()
+            bar.update(e - s)
+        bar.close()
         return dq, iq, quantizer
 
     def _build_ivf(self, centroids: np.ndarray) -> None:
@@ -225,10 +213,10 @@ class KnnSearcher:
             self.index.add(self.x[s : s + self.chunk])
 
     def _build_cells(self, centroids: np.ndarray) -> None:
-        _, iq, _ = self._assign(centroids, self.nprobe)
+        _, iq, self._quantizer = self._assign(centroids, self.nprobe)
         self.centroids = centroids  # [nlist, D]
         self.probes = iq  # [N, nprobe] nearest cells of each row, the first is its own
-        primary = iq[:, 0]
+        self.primary = primary = np.ascontiguousarray(iq[:, 0])  # [N]
         self.perm = np.argsort(primary, kind="stable")  # rows grouped by cell
         counts = np.bincount(primary, minlength=self.nlist)
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [nlist + 1]
@@ -238,20 +226,34 @@ class KnnSearcher:
 
     # ------------------------------------------------------------------ search
     def search_rows(
-        self, rows: np.ndarray | None, k: int, desc: str = "knn"
+        self, rows: np.ndarray | None, k: int, desc: str = "knn", nprobe: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """kNN of the pool's own rows ``rows`` [n] (all rows if None), the row itself excluded.
+        """kNN of the pool's own rows ``rows`` [n] (all rows if None), the row itself excluded;
+        ``nprobe`` overrides the cells probed (approximate backends).
 
         Returns ``dist2`` [n, k] float32 and ``idx`` [n, k] int64, sorted by distance.
         """
         rows = np.arange(self.n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         k = int(min(k, self.n - 1))
+        nprobe = min(int(nprobe or self.nprobe), self.nlist)
         if self.on_gpu and self.backend == "ivf":
-            k = min(k, 2047)  # GPU IVF limit (k + 1 <= 2048)
+            k, nprobe = min(k, 2047), min(nprobe, 2048)  # GPU IVF limits (k + 1 <= 2048)
         if self.backend == "cells":
-            out_d, out_i = self._search_cells(rows, k, desc)
+            probes = (
+                self.probes[rows]
+                if nprobe == self.nprobe
+                else self._quantizer.search(self.x[rows], nprobe)[1]
+            )
+            out_d, out_i = self._search_cells(rows, probes, k, desc)
         else:
-            out_d, out_i = self._search_faiss(rows, k, desc)
+            saved = getattr(self.index, "nprobe", None)
+            if saved is not None:
+                self.index.nprobe = nprobe
+            try:
+                out_d, out_i = self._search_faiss(rows, k, desc)
+            finally:
+                if saved is not None:
+                    self.index.nprobe = saved
         bad = np.flatnonzero((out_i < 0).any(axis=1))
         if bad.size:  # too few candidates (tiny cells / lists): exact search for those rows
             logger.debug("kNN: %d rows short of %d neighbours; searching them exactly", bad.size, k)
@@ -268,43 +270,43 @@ class KnnSearcher:
             r = rows[s : s + self.chunk]
             d, i = self.index.search(self.x[r], k + 1)  # the row itself is (almost always) among k + 1
             out_d[s : s + len(r)], out_i[s : s + len(r)] = _drop_self(d, i, r, k)
-            if bar is not None:
-                bar.update(len(r))
-        if bar is not None:
-            bar.close()
+            bar.update(len(r))
+        bar.close()
         return out_d, out_i
 
     def _search_cells(
-        self, rows: np.ndarray, k: int, desc: str, budget: int = 1 << 23
+        self, rows: np.ndarray, probes: np.ndarray, k: int, desc: str, budget: int = 1 << 23
     ) -> tuple[np.ndarray, np.ndarray]:
-        """IVF semantics (each query scans its ``nprobe`` nearest cells), executed list by list: all the
-        queries probing one cell are matched against its members with one BLAS product, then the
-        per-probe top-k are merged. Batches of rows bound the [n, nprobe, k] buffers."""
+        """IVF semantics (each query scans the cells ``probes`` [n, p], nearest first), executed cell by
+        cell: all the queries probing one cell are matched against its members with one BLAS product,
+        then the per-probe top-k are merged. Batches of rows bound the [n, p, k] buffers."""
         out_d = np.empty((len(rows), k), dtype=np.float32)
         out_i = np.empty((len(rows), k), dtype=np.int64)
-        step = max(1, budget // (self.nprobe * k))
+        step = max(1, budget // (probes.shape[1] * k))
         bar = _progress(len(rows), desc, self.show_progress and len(rows) > self.chunk)
         for s in range(0, len(rows), step):
             r = rows[s : s + step]
-            out_d[s : s + len(r)], out_i[s : s + len(r)] = self._search_cells_batch(r, k)
-            if bar is not None:
-                bar.update(len(r))
-        if bar is not None:
-            bar.close()
+            out_d[s : s + len(r)], out_i[s : s + len(r)] = self._search_cells_batch(
+                r, probes[s : s + step], k
+            )
+            bar.update(len(r))
+        bar.close()
         return out_d, out_i
 
-    def _search_cells_batch(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        n, p = len(rows), self.nprobe
+    def _search_cells_batch(
+        self, rows: np.ndarray, probes: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        n, p = probes.shape
         buf_d = np.full((n, p, k), np.inf, dtype=np.float32)  # per-probe top-k
         buf_i = np.full((n, p, k), -1, dtype=np.int64)
-        cells = self.probes[rows].ravel()  # [n * p], entry e = (query e // p, probe e % p)
+        cells = probes.ravel()  # [n * p], entry e = (query e // p, probe e % p)
         order = np.argsort(cells, kind="stable")
         uniq, first = np.unique(cells[order], return_index=True)
         bounds = np.append(first, len(order))
         jobs = [(c, order[a:b]) for c, a, b in zip(uniq.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())]
         jobs.sort(key=lambda j: -len(j[1]) * int(self.starts[j[0] + 1] - self.starts[j[0]]))  # big first
         with _single_threaded_torch() as pool:  # many small products: cells in parallel, ops single-threaded
-            for fut in [pool.submit(self._cell_job, rows, c, ent, k, buf_d, buf_i) for c, ent in jobs]:
+            for fut in [pool.submit(self._cell_job, rows, c, ent, p, k, buf_d, buf_i) for c, ent in jobs]:
                 fut.result()
         # merge the p lists of k: [n, p*k] -> k best
         flat_d = torch.from_numpy(buf_d.reshape(n, p * k))
@@ -317,13 +319,13 @@ class KnnSearcher:
         rows: np.ndarray,
         c: int,
         ent: np.ndarray,
+        p: int,
         k: int,
         buf_d: np.ndarray,
         buf_i: np.ndarray,
         budget: int = 1 << 23,
     ) -> None:
         """Queries ``rows[ent // p]`` that probe cell ``c`` against c's members; fills their probe slot."""
-        p = self.nprobe
         members = self.perm[self.starts[c] : self.starts[c + 1]]  # [m]
         m = members.shape[0]
         if m == 0:
@@ -340,7 +342,7 @@ class KnnSearcher:
             q = torch.from_numpy(self.x[qrow]) - mu  # [q, D]
             d2 = torch.addmm(mn[None, :], q, xm.T, alpha=-2.0)  # [q, m] = |m|^2 - 2 q.m
             d2 += (q * q).sum(1, keepdim=True)
-            own = np.flatnonzero(self.probes[qrow, 0] == c)  # queries whose own cell this is
+            own = np.flatnonzero(self.primary[qrow] == c)  # queries whose own cell this is
             if own.size:
                 d2[torch.from_numpy(own), torch.from_numpy(self.pos_in_cell[qrow[own]])] = float("inf")
             v, j = torch.topk(d2, kk, dim=1, largest=False, sorted=True)

@@ -34,7 +34,7 @@ def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndar
         decoder_layers=m.decoder_layers, heads=m.heads, inner=m.inner, dropout=m.dropout,
         attn_dropout=m.attn_dropout, adapter=m.adapter, moe_experts=m.moe_experts,
         use_ids=m.mode == "transductive", temperature=m.temperature, fusion=m.fusion,
-        interest_weight=m.interest_weight, interest_cfg=interest_cfg,
+        interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
     )
     if cfg.pretrained:
         load_backbone(model, cfg.pretrained)

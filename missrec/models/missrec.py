@@ -72,6 +72,7 @@ class MISSRec(nn.Module):
         fusion: str = "dynamic",
         interest_weight: float = 1e-4,
         interest_cfg: object | None = None,
+        final_norm: bool = False,
     ) -> None:
         super().__init__()
         if not features:
@@ -109,13 +110,19 @@ class MISSRec(nn.Module):
             hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
         )
         enc.self_attn.dropout = attn_dropout
-        self.encoder = nn.TransformerEncoder(enc, encoder_layers, enable_nested_tensor=False)
+        # final_norm: a LayerNorm after each stack, as torch's nn.Transformer (the official code) has
+        self.encoder = nn.TransformerEncoder(
+            enc, encoder_layers, norm=nn.LayerNorm(hidden, eps=1e-12) if final_norm else None,
+            enable_nested_tensor=False,
+        )
         dec = nn.TransformerDecoderLayer(
             hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
         )
         dec.self_attn.dropout = attn_dropout
         dec.multihead_attn.dropout = attn_dropout
-        self.decoder = nn.TransformerDecoder(dec, decoder_layers)
+        self.decoder = nn.TransformerDecoder(
+            dec, decoder_layers, norm=nn.LayerNorm(hidden, eps=1e-12) if final_norm else None
+        )
         self.fusion_factor = nn.Parameter(torch.zeros(()))
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
