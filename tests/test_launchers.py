@@ -1,0 +1,48 @@
+"""The launchers as a user types them: argv in, last stdout line is the metrics JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_finetune_launcher_prints_metrics_json_last(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    proc = _run("launcher/finetune.py", "--data-root", str(synthetic_root), "--domain", "Office", "--model", "missrec",
+                "--mode", "inductive", "--features", "feat1CLS,feat3CLS", "--output-dir", str(out), "--epochs", "1",
+                "--quiet", "--set", "missrec.hidden=32", "--set", "missrec.heads=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(last["test"]) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
+    assert {"valid", "best_epoch", "seconds", "trainable_parameters"} <= set(last)
+    assert json.loads((out / "metrics.json").read_text())["test"] == last["test"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["missrec"]["mode"] == "inductive" and cfg["missrec"]["hidden"] == 32
+
+
+def test_finetune_launcher_bad_input_names_file(tmp_path):
+    (tmp_path / "D.train.inter").write_text("user\titems\ttarget\n0\t1\t2\n")
+    for split in ("valid", "test"):
+        (tmp_path / f"D.{split}.inter").write_text("user_id:token\titem_id_list:token_seq\titem_id:token\n0\t1\t2\n")
+    proc = _run("launcher/finetune.py", "--data-root", str(tmp_path), "--domain", "D", "--output-dir",
+                str(tmp_path / "run"), "--quiet")
+    assert proc.returncode != 0
+    assert f"{tmp_path / 'D.train.inter'}:1: wrong header" in proc.stderr
+
+
+def test_build_shards_launcher(synthetic_root, tmp_path):
+    proc = _run("launcher/build_shards.py", "--data-root", str(synthetic_root / "Office"), "--domain", "Office",
+                "--out", str(tmp_path / "Office"), "--features", "feat1CLS,feat3CLS", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "Office" / "manifest.json").exists()
