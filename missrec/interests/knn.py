@@ -275,7 +275,7 @@ class KnnSearcher:
         return out_d, out_i
 
     def _search_cells(
-        self, rows: np.ndarray, probes: np.ndarray, k: int, desc: str, budget: int = 1 << 23
+        self, rows: np.ndarray, probes: np.ndarray, k: int, desc: str, budget: int = 1 << 25
     ) -> tuple[np.ndarray, np.ndarray]:
         """IVF semantics (each query scans the cells ``probes`` [n, p], nearest first), executed cell by
         cell: all the queries probing one cell are matched against its members with one BLAS product,

@@ -97,7 +97,7 @@ def dpc_knn_exact(
 
 
 def exact_knn_sample(
-    x: np.ndarray, rows: np.ndarray, k: int, budget: int = 1 << 24
+    x: np.ndarray, rows: np.ndarray, k: int, budget: int = 1 << 25
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force kNN (self excluded) of rows ``rows`` of ``x`` [N, D]: ``(dist2 [n, k], idx [n, k])``.
 
