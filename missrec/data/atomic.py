@@ -16,7 +16,7 @@ Item indices in files are 0-based. Every error names the file and the line.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,43 +134,52 @@ def read_index_map(path: Path) -> list[str]:
     return [pairs[i] for i in range(n)]
 
 
+def iter_table(path: Path, header: str, fields: int, names: str = "") -> Iterator[tuple[int, list[str]]]:
+    """Rows of a tab-separated file with a fixed ``header``: yields ``(line number, fields)``, skipping
+    blank lines. A wrong header or field count is a :class:`DataFormatError` naming file and line.
+    The last field takes any further tabs when ``fields`` is 2 (free text)."""
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline().rstrip("\n")
+        if first != header:
+            raise DataFormatError(path, f"wrong header {first[:120]!r}, expected {header!r}", 1)
+        for lineno, line in enumerate(fh, 2):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            parts = line.split("\t", 1) if fields == 2 else line.split("\t")
+            if len(parts) != fields:
+                what = f" ({names})" if names else ""
+                raise DataFormatError(path, f"expected {fields} tab-separated fields{what}, got {len(parts)}", lineno)
+            yield lineno, parts
+
+
 def read_inter(path: Path, num_items: int | None, max_len: int | None = None) -> Split:
     """Read a ``.inter`` file. Histories longer than ``max_len`` keep their last ``max_len`` items."""
     users: list[int] = []
     targets: list[int] = []
     lens: list[int] = []
     items: list[int] = []
-    with open(path, encoding="utf-8") as fh:
-        header = fh.readline().rstrip("\n")
-        if header != INTER_HEADER:
-            raise DataFormatError(path, f"wrong header {header[:120]!r}, expected {INTER_HEADER!r}", 1)
-        for lineno, line in enumerate(fh, 2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                raise DataFormatError(path, f"expected 3 tab-separated fields, got {len(parts)}", lineno)
-            user = _parse_int(parts[0], path, lineno, "user id")
-            hist_tokens = parts[1].split()
-            if not hist_tokens:
-                raise DataFormatError(path, "empty history", lineno)
-            hist = [_parse_int(t, path, lineno, "item id") for t in hist_tokens]
-            target = _parse_int(parts[2], path, lineno, "target item id")
-            if num_items is not None:
-                for it in (*hist, target):
-                    if it < 0 or it >= num_items:
-                        raise DataFormatError(
-                            path, f"item id {it} outside the item table (0..{num_items - 1})", lineno
-                        )
-            elif min(*hist, target) < 0:
-                raise DataFormatError(path, "negative item id", lineno)
-            if max_len is not None and len(hist) > max_len:
-                hist = hist[-max_len:]
-            users.append(user)
-            targets.append(target)
-            lens.append(len(hist))
-            items.extend(hist)
+    for lineno, parts in iter_table(path, INTER_HEADER, 3):
+        user = _parse_int(parts[0], path, lineno, "user id")
+        hist_tokens = parts[1].split()
+        if not hist_tokens:
+            raise DataFormatError(path, "empty history", lineno)
+        hist = [_parse_int(t, path, lineno, "item id") for t in hist_tokens]
+        target = _parse_int(parts[2], path, lineno, "target item id")
+        if num_items is not None:
+            for it in (*hist, target):
+                if it < 0 or it >= num_items:
+                    raise DataFormatError(
+                        path, f"item id {it} outside the item table (0..{num_items - 1})", lineno
+                    )
+        elif min(*hist, target) < 0:
+            raise DataFormatError(path, "negative item id", lineno)
+        if max_len is not None and len(hist) > max_len:
+            hist = hist[-max_len:]
+        users.append(user)
+        targets.append(target)
+        lens.append(len(hist))
+        items.extend(hist)
     offsets = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(np.asarray(lens, dtype=np.int64), out=offsets[1:])
     return Split(
@@ -185,24 +194,14 @@ def read_text(path: Path, item_ids: list[str] | None, num_items: int | None) -> 
     """Read a ``.text`` file into a list indexed by item index (raw ids mapped through ``item_ids``)."""
     index = {raw: i for i, raw in enumerate(item_ids)} if item_ids is not None else None
     out: dict[int, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        header = fh.readline().rstrip("\n")
-        if header != TEXT_HEADER:
-            raise DataFormatError(path, f"wrong header {header[:120]!r}, expected {TEXT_HEADER!r}", 1)
-        for lineno, line in enumerate(fh, 2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            raw, sep, text = line.partition("\t")
-            if not sep:
-                raise DataFormatError(path, "expected 'item_id<TAB>text'", lineno)
-            if index is not None:
-                if raw not in index:
-                    raise DataFormatError(path, f"item {raw!r} is not in the item table", lineno)
-                idx = index[raw]
-            else:
-                idx = _parse_int(raw, path, lineno, "item id")
-            out[idx] = text.strip()
+    for lineno, (raw, text) in iter_table(path, TEXT_HEADER, 2, "item_id, text"):
+        if index is not None:
+            if raw not in index:
+                raise DataFormatError(path, f"item {raw!r} is not in the item table", lineno)
+            idx = index[raw]
+        else:
+            idx = _parse_int(raw, path, lineno, "item id")
+        out[idx] = text.strip()
     n = num_items if num_items is not None else (max(out) + 1 if out else 0)
     missing = [i for i in range(n) if i not in out]
     if missing:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from missrec.data.atomic import Split, write_index_map, write_inter, write_text
+from missrec.data.atomic import Split, iter_table, write_index_map, write_inter, write_text
 from missrec.errors import ConfigError, DataFormatError
 from missrec.io import atomic_open, write_json
 
@@ -400,25 +400,13 @@ def load_item_table(path: str | Path) -> list[tuple[str, str, str]]:
     path = Path(path)
     out: list[tuple[str, str, str]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        header = fh.readline().rstrip("\n")
-        if header != ITEM_TABLE_HEADER:
-            raise DataFormatError(path, f"wrong header {header[:120]!r}, expected {ITEM_TABLE_HEADER!r}", 1)
-        for lineno, line in enumerate(fh, 2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                raise DataFormatError(path, f"expected 3 tab-separated fields (item_id, text, image), "
-                                            f"got {len(parts)}", lineno)
-            raw, text, image = parts
-            if not raw:
-                raise DataFormatError(path, "empty item_id", lineno)
-            if raw in seen:
-                raise DataFormatError(path, f"item {raw!r} appears twice", lineno)
-            seen.add(raw)
-            out.append((raw, text, image))
+    for lineno, (raw, text, image) in iter_table(path, ITEM_TABLE_HEADER, 3, "item_id, text, image"):
+        if not raw:
+            raise DataFormatError(path, "empty item_id", lineno)
+        if raw in seen:
+            raise DataFormatError(path, f"item {raw!r} appears twice", lineno)
+        seen.add(raw)
+        out.append((raw, text, image))
     return out
 
 
