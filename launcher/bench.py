@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     lo.add_argument("--shards", default=None, help="existing shard folder (written if missing)")
     lo.add_argument("--samples-per-shard", type=int, default=5000)
     lo.add_argument("--workers", type=int, default=2)
-    lo.add_argument("--steps", type=int, default=15)
+    lo.add_argument("--steps", type=int, default=0, help="SASRec steps to time (0: one whole epoch)")
     lo.set_defaults(fn=cmd_loader)
     mid = sub.add_parser("mid", help="interest discovery on N random clustered tokens")
     mid.add_argument("--tokens", type=int, required=True)

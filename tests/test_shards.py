@@ -199,6 +199,17 @@ def test_corrupt_record_names_the_shard(domain: Domain, tmp_path: Path) -> None:
         _collect(ShardSource(out).batches("test", 32, max_len=MAX_LEN))
 
 
+def test_corrupt_tar_header_names_the_shard(domain: Domain, tmp_path: Path) -> None:
+    out = tmp_path / "Toy"
+    _write(domain, out)
+    bad = out / "valid-000000.tar"
+    data = bytearray(bad.read_bytes())
+    data[3] ^= 0x01  # a byte of the first member's name: its header checksum no longer matches
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="valid-000000.tar.*checksum mismatch"):
+        _collect(ShardSource(out).batches("valid", 32, max_len=MAX_LEN))
+
+
 def test_verify_detects_a_modified_shard(domain: Domain, tmp_path: Path) -> None:
     out = tmp_path / "Toy"
     _write(domain, out)

