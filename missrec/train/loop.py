@@ -127,7 +127,7 @@ def fit(
         total, count, seqs = 0.0, 0, 0
         bar = tqdm(
             train_batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
-            disable=not cfg.progress, unit="batch",
+            disable=None if cfg.progress else True, unit="batch",  # None: no bar when not a terminal
         )
         for step, batch in enumerate(bar):
             if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
