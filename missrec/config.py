@@ -85,6 +85,7 @@ class MISSRecConfig:
     mode: str = "transductive"  # transductive (with item IDs) | inductive (no IDs)
     temperature: float = 0.07
     interest_method: str = "dpc_knn"  # dpc_knn | kmeans
+    interest_assign: str = "parent"  # DPC-KNN: parent (density-peaks chain) | nearest_centre (official code)
     interest_ratio: float = 0.5  # clusters = ratio * number of item tokens
     interest_knn: float = 5  # kNN size: a count (>= 1) or a ratio of the pool (< 1)
     interest_weight: float = 1e-4  # weight of the interest regulariser

@@ -44,6 +44,16 @@ def test_planted_blobs_recovered_exactly():
     assert set(res.timings) >= {"knn", "density", "delta", "assign", "total"}
 
 
+def test_nearest_centre_assignment():
+    x, truth = blobs(8, 50, 16)
+    res = discover_interests(x, InterestConfig(num_clusters=8, assign="nearest_centre"))
+    assert adjusted_rand_index(res.labels, truth) == 1.0
+    assert np.array_equal(res.labels[res.centres], np.arange(8))
+    # every token's label is its nearest centre
+    d2 = ((x[:, None, :] - x[res.centres][None]) ** 2).sum(-1)
+    assert np.array_equal(res.labels, d2.argmin(1))
+
+
 @pytest.mark.parametrize("ratio", [0.5, 0.05])
 def test_agrees_with_exact_reference(ratio):
     x, _ = clustered_tokens(2000, 32, seed=1, points_per_centre=50)

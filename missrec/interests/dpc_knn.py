@@ -61,6 +61,7 @@ class InterestConfig:
     use_gpu: bool | str = "auto"
     show_progress: bool = False
     recall_sample: int = 0  # >0: measure the approximate kNN's recall@k on this many rows (diagnostic)
+    assign: str = "parent"  # 'parent': follow the nearest denser token (density peaks) | 'nearest_centre' (official)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_expand", tuple(int(v) for v in self.peak_expand))
@@ -87,6 +88,8 @@ class InterestConfig:
             raise ConfigError(
                 "approx_threshold, kmeans_niter, nprobe, nlist and peak_nprobe_factor must be >= 1"
             )
+        if self.assign not in ("parent", "nearest_centre"):
+            raise ConfigError(f"assign must be 'parent' or 'nearest_centre', got {self.assign!r}")
         if self.approx_method not in ("auto", "cells", "ivf"):
             raise ConfigError(f"approx_method must be 'auto', 'cells' or 'ivf', got {self.approx_method!r}")
         if self.use_gpu not in ("auto", True, False):
@@ -228,6 +231,20 @@ def assign_by_parent(parent: np.ndarray, centres: np.ndarray) -> np.ndarray:
     labels = label_of[root]
     if (labels < 0).any():  # pragma: no cover - would mean a chain that skips every centre
         raise RuntimeError("parent chain did not end at a centre")
+    return labels
+
+
+def assign_nearest_centre(x: np.ndarray, centres: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """Labels [N]: the nearest centre token of each token (the official MISSRec/TCFormer assignment),
+    searched in chunks against the C centres (never N x N). ``x`` [N, D], ``centres`` [C]."""
+    cx = torch.from_numpy(np.ascontiguousarray(x[centres], dtype=np.float32))  # [C, D]
+    cn = (cx * cx).sum(1)  # [C]
+    labels = np.empty(x.shape[0], dtype=np.int64)
+    for s in range(0, x.shape[0], chunk):
+        q = torch.from_numpy(np.ascontiguousarray(x[s : s + chunk], dtype=np.float32))  # [Q, D]
+        d2 = cn[None, :] - 2.0 * (q @ cx.T)  # [Q, C], up to the constant |q|^2
+        labels[s : s + q.shape[0]] = d2.argmin(1).numpy()
+    labels[centres] = np.arange(centres.shape[0])  # a centre is always its own cluster
     return labels
 
 
@@ -380,7 +397,10 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
 
     t0 = time.perf_counter()
     centres = select_centres(log_rho, delta, order, num_clusters)
-    labels = assign_by_parent(parent, centres)
+    if cfg.assign == "nearest_centre":
+        labels = assign_nearest_centre(x, centres)
+    else:
+        labels = assign_by_parent(parent, centres)
     centroids = mean_centroids(x, labels, num_clusters)
     timings["assign"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all

@@ -25,7 +25,8 @@ def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndar
         raise ValueError("MISSRec needs feature tables: set --features (e.g. feat1CLS,feat3CLS)")
     knn = int(m.interest_knn) if m.interest_knn >= 1 else float(m.interest_knn)
     interest_cfg = InterestConfig(
-        method=m.interest_method, cluster_ratio=m.interest_ratio, knn=knn, seed=cfg.train.seed
+        method=m.interest_method, cluster_ratio=m.interest_ratio, knn=knn, seed=cfg.train.seed,
+        assign=m.interest_assign,
     )
     model = MISSRec(
         num_items,
