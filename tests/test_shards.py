@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from missrec.data import shards as shards_mod
+from missrec.data import shard_writer
 from missrec.data.atomic import Domain, Split, load_domain, read_index_map, read_text
 from missrec.data.shards import MANIFEST, ShardError, ShardSource, shards_exist, write_domain_shards
 from missrec.errors import DataFormatError
@@ -247,14 +247,14 @@ def test_missing_or_malformed_manifest(domain: Domain, tmp_path: Path) -> None:
 def test_manifest_written_last_with_shard_checksums(domain: Domain, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "Toy"
     seen = {}
-    real = shards_mod.write_json
+    real = shard_writer.write_json
 
     def spy(path, obj):
         seen["manifest_existed"] = Path(path).exists()
         seen["files"] = sorted(p.name for p in Path(path).parent.iterdir() if not p.name.startswith("."))
         real(path, obj)
 
-    monkeypatch.setattr(shards_mod, "write_json", spy)
+    monkeypatch.setattr(shard_writer, "write_json", spy)
     m = _write(domain, out)
     assert seen["manifest_existed"] is False
     listed = [s["file"] for sp in m["splits"].values() for s in sp["shards"]]

@@ -40,15 +40,11 @@ are the record.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import re
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -57,240 +53,22 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from tqdm import tqdm
 
-from missrec.data.atomic import (
-    SPLITS,
-    Domain,
-    Split,
-    read_features,
-    write_features,
-    write_index_map,
-    write_text,
-)
+from missrec.data.atomic import SPLITS, read_features
 from missrec.data.batching import DEFAULT_MAX_LEN, Batch, collate
+from missrec.data.shard_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SAMPLE_EXT,
+    ShardError,
+    _read_manifest,
+    shards_exist,
+)
+from missrec.data.shard_writer import write_domain_shards
 from missrec.errors import DataFormatError
-from missrec.io import _fsync_dir, atomic_open, sha256_file, write_json
+from missrec.io import sha256_file
 
 log = logging.getLogger(__name__)
-
-FORMAT = "missrec-shards"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SAMPLE_EXT = "json"
-_SHARD_RE = re.compile(r"^(train|valid|test)-\d{6}\.tar$")
-
-
-class ShardError(DataFormatError):
-    """A shard that cannot be read (truncated, corrupt, missing, checksum mismatch); names the shard file."""
-
-
-# --------------------------------------------------------------------------------------------- writing
-
-
-class _HashingFile:
-    """Forward writes to ``fh`` while hashing and counting the bytes (what tarfile's stream mode needs)."""
-
-    def __init__(self, fh: Any) -> None:
-        self.fh = fh
-        self.sha = hashlib.sha256()
-        self.nbytes = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.nbytes += len(data)
-        return self.fh.write(data)
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-def _write_shard(path: Path, samples: Iterable[dict[str, Any]], mtime: int) -> tuple[int, str, int]:
-    """Write one tar shard atomically (temp sibling, fsync, rename). Returns (samples, sha256, bytes)."""
-    count = 0
-    with atomic_open(path, "wb") as fh:
-        hf = _HashingFile(fh)
-        with wds.TarWriter(hf, encoder=False, user="missrec", group="missrec", mtime=mtime) as tw:
-            for sample in samples:
-                tw.write(sample)
-                count += 1
-    return count, hf.sha.hexdigest(), hf.nbytes
-
-
-def _split_samples(
-    split_name: str, split: Split, start: int, stop: int, last: np.ndarray
-) -> Iterator[dict[str, Any]]:
-    users, targets, offsets, items = split.users, split.targets, split.offsets, split.items
-    for row in range(start, stop):
-        rec = {
-            "user": int(users[row]),
-            "history": items[offsets[row] : offsets[row + 1]].tolist(),
-            "target": int(targets[row]),
-            "row": row,
-            "last": bool(last[row]),
-        }
-        yield {
-            "__key__": f"{split_name}-{row:09d}",
-            SAMPLE_EXT: json.dumps(rec, separators=(",", ":")).encode("utf-8"),
-        }
-
-
-def write_domain_shards(
-    domain: Domain,
-    out_dir: Path,
-    samples_per_shard: int = 10000,
-    feature_suffixes: Sequence[str] = (),
-    show_progress: bool = True,
-) -> dict:
-    """Write ``domain`` as WebDataset shards + item tables + ``manifest.json`` into ``out_dir``.
-
-    ``feature_suffixes`` selects tables of ``domain.features`` to copy next to the shards. The manifest
-    is written last (atomically); an existing manifest is removed first, so an interrupted rewrite
-    leaves a folder that :func:`shards_exist` reports as incomplete. Stale shards of an earlier write
-    that the new manifest does not list are deleted at the end. Returns the manifest.
-    """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    missing = [s for s in feature_suffixes if s not in domain.features]
-    if missing:
-        raise KeyError(
-            f"domain {domain.name!r} has no feature table(s) {missing}; loaded: {sorted(domain.features)}"
-        )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        manifest_path.unlink()
-        _fsync_dir(out_dir)
-    # fixed member mtime: the same domain gives byte-identical shards (same sha256); an int, because a
-    # float mtime costs a PAX header (512 bytes more) per member
-    mtime = 0
-    t0 = time.time()
-
-    # item tables first, then shards, then the manifest
-    features = {}
-    for suffix in feature_suffixes:
-        arr = np.asarray(domain.features[suffix])
-        if arr.ndim != 2 or arr.shape[0] != domain.num_items:
-            raise ValueError(
-                f"feature table {suffix!r} has shape {arr.shape}, expected [{domain.num_items}, dim]"
-            )
-        fname = f"{domain.name}.{suffix}"
-        write_features(out_dir / fname, arr)
-        features[suffix] = {"file": fname, "dim": int(arr.shape[1]), "sha256": sha256_file(out_dir / fname)}
-    tables = {}
-    item_ids = domain.item_ids
-    if item_ids is not None:
-        fname = f"{domain.name}.item2index"
-        write_index_map(out_dir / fname, item_ids)
-        tables["item2index"] = fname
-    if domain.user_ids is not None:
-        fname = f"{domain.name}.user2index"
-        write_index_map(out_dir / fname, domain.user_ids)
-        tables["user2index"] = fname
-    if domain.texts is not None:
-        fname = f"{domain.name}.text"
-        raw = item_ids if item_ids is not None else [str(i) for i in range(len(domain.texts))]
-        write_text(out_dir / fname, raw, domain.texts)
-        tables["text"] = fname
-    tables = {k: {"file": v, "sha256": sha256_file(out_dir / v)} for k, v in tables.items()}
-
-    splits: dict[str, Any] = {}
-    max_hist = 0
-    for split_name in SPLITS:
-        split = domain.splits[split_name]
-        n = len(split)
-        if n:
-            max_hist = max(max_hist, int(split.lengths.max()))
-        shards = []
-        last = np.zeros(n, dtype=bool)
-        last[split.last_rows_per_user()] = True
-        bar = tqdm(total=n, desc=f"{domain.name}/{split_name}", unit="rows", disable=not show_progress)
-        for k, start in enumerate(range(0, n, samples_per_shard)):
-            stop = min(n, start + samples_per_shard)
-            fname = f"{split_name}-{k:06d}.tar"
-            count, sha, nbytes = _write_shard(out_dir / fname, _split_samples(split_name, split, start, stop, last), mtime)
-            shards.append({"file": fname, "samples": count, "sha256": sha, "bytes": nbytes})
-            bar.update(count)
-        bar.close()
-        splits[split_name] = {"rows": n, "last_rows": int(last.sum()), "shards": shards}
-        log.info("%s/%s: %d rows in %d shards", domain.name, split_name, n, len(shards))
-    _fsync_dir(out_dir)
-
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "domain": domain.name,
-        "num_items": int(domain.num_items),
-        "num_users": int(domain.num_users),
-        "max_history_len": max_hist,
-        "samples_per_shard": samples_per_shard,
-        "sample_member": SAMPLE_EXT,
-        "splits": splits,
-        "features": features,
-        "tables": tables,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": str(domain.root),
-    }
-    write_json(manifest_path, manifest)
-
-    listed = {s["file"] for sp in splits.values() for s in sp["shards"]}
-    for p in out_dir.iterdir():
-        if _SHARD_RE.match(p.name) and p.name not in listed:
-            log.info("removing stale shard %s (not in the new manifest)", p)
-            p.unlink()
-    log.info(
-        "wrote %s shards to %s in %.1fs: %s", domain.name, out_dir, time.time() - t0,
-        {k: (v["rows"], len(v["shards"])) for k, v in splits.items()},
-    )
-    return manifest
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise DataFormatError(path, "missing shard manifest (no shards written here, or the write did not finish)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            m = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
-        raise DataFormatError(path, f"malformed manifest: {exn}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise DataFormatError(path, f"not a {FORMAT} manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise DataFormatError(path, f"format_version {m.get('format_version')!r}, this reader reads {FORMAT_VERSION}")
-    try:
-        for key in ("domain", "num_items", "num_users", "splits", "features"):
-            if key not in m:
-                raise KeyError(key)
-        for split in SPLITS:
-            sp = m["splits"][split]
-            int(sp["rows"])
-            for s in sp["shards"]:
-                str(s["file"]), int(s["samples"]), str(s["sha256"])
-            if sum(int(s["samples"]) for s in sp["shards"]) != int(sp["rows"]):
-                raise DataFormatError(path, f"split {split!r}: shard sample counts do not add up to its rows")
-        for f in m["features"].values():
-            str(f["file"]), int(f["dim"])
-    except (KeyError, TypeError, ValueError) as exn:
-        if isinstance(exn, DataFormatError):
-            raise
-        raise DataFormatError(path, f"malformed manifest: missing or bad field {exn!s}") from None
-    return m
-
-
-def shards_exist(folder: str | Path) -> bool:
-    """True when ``folder`` holds a readable manifest and every shard file it lists (no checksums)."""
-    folder = Path(folder)
-    try:
-        m = _read_manifest(folder)
-    except DataFormatError:
-        return False
-    return all((folder / s["file"]).is_file() for sp in m["splits"].values() for s in sp["shards"])
-
 
 def _worker_info() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()

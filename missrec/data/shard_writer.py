@@ -1,0 +1,179 @@
+"""Writing a domain's shard folder: tar shards (atomic), item tables, then the manifest (see ``shards.py``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from missrec.data.atomic import SPLITS, Domain, Split, write_features, write_index_map, write_text
+from missrec.data.shard_format import _SHARD_RE, FORMAT, FORMAT_VERSION, MANIFEST, SAMPLE_EXT
+from missrec.io import _fsync_dir, atomic_open, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+class _HashingFile:
+    """Forward writes to ``fh`` while hashing and counting the bytes (what tarfile's stream mode needs)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _write_shard(path: Path, samples: Iterable[dict[str, Any]], mtime: int) -> tuple[int, str, int]:
+    """Write one tar shard atomically (temp sibling, fsync, rename). Returns (samples, sha256, bytes)."""
+    count = 0
+    with atomic_open(path, "wb") as fh:
+        hf = _HashingFile(fh)
+        with wds.TarWriter(hf, encoder=False, user="missrec", group="missrec", mtime=mtime) as tw:
+            for sample in samples:
+                tw.write(sample)
+                count += 1
+    return count, hf.sha.hexdigest(), hf.nbytes
+
+
+def _split_samples(
+    split_name: str, split: Split, start: int, stop: int, last: np.ndarray
+) -> Iterator[dict[str, Any]]:
+    users, targets, offsets, items = split.users, split.targets, split.offsets, split.items
+    for row in range(start, stop):
+        rec = {
+            "user": int(users[row]),
+            "history": items[offsets[row] : offsets[row + 1]].tolist(),
+            "target": int(targets[row]),
+            "row": row,
+            "last": bool(last[row]),
+        }
+        yield {
+            "__key__": f"{split_name}-{row:09d}",
+            SAMPLE_EXT: json.dumps(rec, separators=(",", ":")).encode("utf-8"),
+        }
+
+
+def write_domain_shards(
+    domain: Domain,
+    out_dir: Path,
+    samples_per_shard: int = 10000,
+    feature_suffixes: Sequence[str] = (),
+    show_progress: bool = True,
+) -> dict:
+    """Write ``domain`` as WebDataset shards + item tables + ``manifest.json`` into ``out_dir``.
+
+    ``feature_suffixes`` selects tables of ``domain.features`` to copy next to the shards. The manifest
+    is written last (atomically); an existing manifest is removed first, so an interrupted rewrite
+    leaves a folder that :func:`shards_exist` reports as incomplete. Stale shards of an earlier write
+    that the new manifest does not list are deleted at the end. Returns the manifest.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    missing = [s for s in feature_suffixes if s not in domain.features]
+    if missing:
+        raise KeyError(
+            f"domain {domain.name!r} has no feature table(s) {missing}; loaded: {sorted(domain.features)}"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        manifest_path.unlink()
+        _fsync_dir(out_dir)
+    # fixed member mtime: the same domain gives byte-identical shards (same sha256); an int, because a
+    # float mtime costs a PAX header (512 bytes more) per member
+    mtime = 0
+    t0 = time.time()
+
+    # item tables first, then shards, then the manifest
+    features = {}
+    for suffix in feature_suffixes:
+        arr = np.asarray(domain.features[suffix])
+        if arr.ndim != 2 or arr.shape[0] != domain.num_items:
+            raise ValueError(
+                f"feature table {suffix!r} has shape {arr.shape}, expected [{domain.num_items}, dim]"
+            )
+        fname = f"{domain.name}.{suffix}"
+        write_features(out_dir / fname, arr)
+        features[suffix] = {"file": fname, "dim": int(arr.shape[1]), "sha256": sha256_file(out_dir / fname)}
+    tables = {}
+    item_ids = domain.item_ids
+    if item_ids is not None:
+        fname = f"{domain.name}.item2index"
+        write_index_map(out_dir / fname, item_ids)
+        tables["item2index"] = fname
+    if domain.user_ids is not None:
+        fname = f"{domain.name}.user2index"
+        write_index_map(out_dir / fname, domain.user_ids)
+        tables["user2index"] = fname
+    if domain.texts is not None:
+        fname = f"{domain.name}.text"
+        raw = item_ids if item_ids is not None else [str(i) for i in range(len(domain.texts))]
+        write_text(out_dir / fname, raw, domain.texts)
+        tables["text"] = fname
+    tables = {k: {"file": v, "sha256": sha256_file(out_dir / v)} for k, v in tables.items()}
+
+    splits: dict[str, Any] = {}
+    max_hist = 0
+    for split_name in SPLITS:
+        split = domain.splits[split_name]
+        n = len(split)
+        if n:
+            max_hist = max(max_hist, int(split.lengths.max()))
+        shards = []
+        last = np.zeros(n, dtype=bool)
+        last[split.last_rows_per_user()] = True
+        bar = tqdm(total=n, desc=f"{domain.name}/{split_name}", unit="rows", disable=not show_progress)
+        for k, start in enumerate(range(0, n, samples_per_shard)):
+            stop = min(n, start + samples_per_shard)
+            fname = f"{split_name}-{k:06d}.tar"
+            count, sha, nbytes = _write_shard(out_dir / fname, _split_samples(split_name, split, start, stop, last), mtime)
+            shards.append({"file": fname, "samples": count, "sha256": sha, "bytes": nbytes})
+            bar.update(count)
+        bar.close()
+        splits[split_name] = {"rows": n, "last_rows": int(last.sum()), "shards": shards}
+        log.info("%s/%s: %d rows in %d shards", domain.name, split_name, n, len(shards))
+    _fsync_dir(out_dir)
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "domain": domain.name,
+        "num_items": int(domain.num_items),
+        "num_users": int(domain.num_users),
+        "max_history_len": max_hist,
+        "samples_per_shard": samples_per_shard,
+        "sample_member": SAMPLE_EXT,
+        "splits": splits,
+        "features": features,
+        "tables": tables,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": str(domain.root),
+    }
+    write_json(manifest_path, manifest)
+
+    listed = {s["file"] for sp in splits.values() for s in sp["shards"]}
+    for p in out_dir.iterdir():
+        if _SHARD_RE.match(p.name) and p.name not in listed:
+            log.info("removing stale shard %s (not in the new manifest)", p)
+            p.unlink()
+    log.info(
+        "wrote %s shards to %s in %.1fs: %s", domain.name, out_dir, time.time() - t0,
+        {k: (v["rows"], len(v["shards"])) for k, v in splits.items()},
+    )
+    return manifest
