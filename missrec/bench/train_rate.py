@@ -9,7 +9,7 @@ import torch
 
 from missrec.config import SASRecConfig
 from missrec.data.shards import ShardSource
-from missrec.models.sasrec import SASRec
+from missrec.models.build import build_sasrec
 
 
 def sasrec_training_rate(
@@ -21,8 +21,7 @@ def sasrec_training_rate(
     sequences per second. The reader runs in-process, so its time is included."""
     torch.manual_seed(seed)
     src = ShardSource(folder)
-    c = SASRecConfig()
-    model = SASRec(src.num_items, max_len, c.hidden, c.layers, c.heads, c.inner, c.dropout, c.attn_dropout, objective)
+    model = build_sasrec(SASRecConfig(objective=objective), src.num_items, max_len)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     batches = src.batches(
         "train", batch_size, seed=seed, max_len=max_len, last_per_user=objective == "causal", group_by_length=True

@@ -40,7 +40,8 @@ def resolve_model_path(name: str) -> str:
         tmp = target.with_name(target.name + ".partial")
         with zipfile.ZipFile(zpath) as zf:
             zf.extractall(tmp)
-        tmp.replace(target) if not target.exists() else None
+        if not target.exists():  # another process may have unpacked it meanwhile
+            tmp.replace(target)
         log.info("unpacked %s into %s", zpath, target)
     return str(target)
 

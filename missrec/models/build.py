@@ -8,10 +8,16 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from missrec.config import RunConfig
+from missrec.config import RunConfig, SASRecConfig
 from missrec.models.missrec import MISSRec
+from missrec.models.sasrec import SASRec
 
 log = logging.getLogger(__name__)
+
+
+def build_sasrec(s: SASRecConfig, num_items: int, max_len: int) -> SASRec:
+    """SASRec with the settings of ``s`` over ``num_items`` items."""
+    return SASRec(num_items, max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout, s.objective)
 
 
 def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndarray]) -> MISSRec:

@@ -10,7 +10,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,22 +115,13 @@ def _find_shard_dir(root: Path, domain: str) -> Path | None:
     return None
 
 
-ModelFactory = Callable[[RunConfig, DomainData], nn.Module]
-
-
 def build_model(cfg: RunConfig, data: DomainData) -> nn.Module:
     """The model named by ``cfg.model``, sized from the data."""
+    from missrec.models.build import build_missrec, build_sasrec
+
     if cfg.model == "sasrec":
-        from missrec.models.sasrec import SASRec
-
-        s = cfg.sasrec
-        return SASRec(
-            data.num_items, cfg.data.max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout,
-            s.objective,
-        )
+        return build_sasrec(cfg.sasrec, data.num_items, cfg.data.max_len)
     if cfg.model == "missrec":
-        from missrec.models.build import build_missrec
-
         return build_missrec(cfg, data.num_items, data.features)
     raise ValueError(f"unknown model {cfg.model!r}: expected 'sasrec' or 'missrec'")
 
