@@ -2,6 +2,7 @@
 
     python launcher/bench.py loader --data-root ../shared/datasets/scientific --domain Scientific
     python launcher/bench.py mid --tokens 100000 --dim 300
+    python launcher/bench.py extract --items 3000
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def cmd_mid(args: argparse.Namespace) -> dict:
     )
 
 
+def cmd_extract(args: argparse.Namespace) -> dict:
+    from missrec.bench.extract import run_extract_benchmark
+
+    actors = [int(a) for a in args.actors.split(",") if a]
+    return run_extract_benchmark(
+        items=args.items, actors=actors, chunk_size=args.chunk_size, batch_size=args.batch_size,
+        workdir=args.workdir, address=args.address, in_process=not args.no_in_process, progress=not args.quiet,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -66,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     mid.add_argument("--exact-check-max", type=int, default=20000)
     mid.add_argument("--quiet", action="store_true")
     mid.set_defaults(fn=cmd_mid)
+    ex = sub.add_parser("extract", help="feature extraction items/s with 1 and 2 Ray actors (tiny open_clip)")
+    ex.add_argument("--items", type=int, default=3000)
+    ex.add_argument("--actors", default="1,2", help="comma-separated pool sizes to time")
+    ex.add_argument("--chunk-size", type=int, default=128)
+    ex.add_argument("--batch-size", type=int, default=64)
+    ex.add_argument("--workdir", default=None, help="folder for the catalogue and outputs (default: a temp dir)")
+    ex.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    ex.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
+    ex.add_argument("--quiet", action="store_true")
+    ex.set_defaults(fn=cmd_extract)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(json.dumps(args.fn(args)))
