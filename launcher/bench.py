@@ -3,6 +3,7 @@
     python launcher/bench.py loader --data-root ../shared/datasets/scientific --domain Scientific
     python launcher/bench.py mid --tokens 100000 --dim 300
     python launcher/bench.py extract --items 3000
+    python launcher/bench.py pretrain --ranks 1,2 --steps 40
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def cmd_extract(args: argparse.Namespace) -> dict:
     )
 
 
+def cmd_pretrain(args: argparse.Namespace) -> dict:
+    from missrec.bench.pretrain import run_pretrain_benchmark
+
+    ranks = tuple(int(r) for r in args.ranks.split(",") if r)
+    return run_pretrain_benchmark(ranks=ranks, batch_size=args.batch_size, steps=args.steps, zero=args.zero,
+                                  workdir=args.workdir, sets=tuple(args.overrides))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -87,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     ex.add_argument("--quiet", action="store_true")
     ex.set_defaults(fn=cmd_extract)
+    pt = sub.add_parser("pretrain", help="pre-training seq/s with 1 and 2 DeepSpeed ranks (CPU, gloo)")
+    pt.add_argument("--ranks", default="1,2")
+    pt.add_argument("--batch-size", type=int, default=128, help="per rank")
+    pt.add_argument("--steps", type=int, default=40)
+    pt.add_argument("--zero", default="zero2", help="cluster_configs/<name>.json")
+    pt.add_argument("--workdir", default=None)
+    pt.add_argument("--set", action="append", default=[], dest="overrides", help="pre-training config override")
+    pt.set_defaults(fn=cmd_pretrain)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(json.dumps(args.fn(args)))

@@ -92,6 +92,7 @@ class MISSRecConfig:
     use_interests: bool = True
     fusion: str = "dynamic"  # dynamic | mean
     final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has)
+    pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,37 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     missrec: MISSRecConfig = field(default_factory=MISSRecConfig)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Multi-domain, ID-agnostic pre-training (DeepSpeed). Batch sizes live here and are injected into
+    the DeepSpeed config, which holds engine settings only (ZeRO stage, precision, communication)."""
+
+    data: tuple[str, ...] = ()  # domain shard folders
+    domain_weights: tuple[float, ...] = ()  # sampling weight per domain; empty: proportional to rows
+    features: tuple[str, ...] = ("feat1CLS", "feat3CLS")
+    output_dir: str = "runs/pretrain"
+    deepspeed_config: str = "cluster_configs/zero2.json"
+    max_len: int = 50
+    epochs: int = 10
+    batch_size: int = 256  # per rank; the global batch is batch_size * world_size
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0 = off
+    seed: int = 2020
+    drop_prob: float = 0.2  # item-drop augmentation for the sequence-sequence loss
+    seq_seq_weight: float = 0.1
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
+    keep_checkpoints: int = 2
+    max_steps_per_epoch: int = 0  # 0 = whole epoch (a cap for smoke runs)
+    nonfinite: str = "error"  # error | skip
+    threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
+    progress: bool = True
+    missrec: MISSRecConfig = field(
+        default_factory=lambda: MISSRecConfig(mode="inductive", interest_ratio=0.02)
+    )
 
 
 # ------------------------------------------------------------------------------------------- loading

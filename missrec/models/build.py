@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from missrec.config import RunConfig, SASRecConfig
+from missrec.config import MISSRecConfig, RunConfig, SASRecConfig
 from missrec.models.missrec import MISSRec
 from missrec.models.sasrec import SASRec
 
@@ -20,32 +20,38 @@ def build_sasrec(s: SASRecConfig, num_items: int, max_len: int) -> SASRec:
     return SASRec(num_items, max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout, s.objective)
 
 
-def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndarray]) -> MISSRec:
-    """MISSRec over the feature tables named by ``cfg.data.features`` (in that order)."""
+def missrec_from_config(
+    m: MISSRecConfig, num_items: int, features: Sequence[np.ndarray], max_len: int, seed: int
+) -> MISSRec:
+    """MISSRec with the settings of ``m`` over ``num_items`` items and one table per modality."""
     from missrec.interests import InterestConfig
 
-    m = cfg.missrec
     if m.mode not in ("transductive", "inductive"):
         raise ValueError(f"missrec.mode must be 'transductive' or 'inductive', got {m.mode!r}")
-    if not cfg.data.features:
-        raise ValueError("MISSRec needs feature tables: set --features (e.g. feat1CLS,feat3CLS)")
     knn = int(m.interest_knn) if m.interest_knn >= 1 else float(m.interest_knn)
     interest_cfg = InterestConfig(
-        method=m.interest_method, cluster_ratio=m.interest_ratio, knn=knn, seed=cfg.train.seed,
-        assign=m.interest_assign,
+        method=m.interest_method, cluster_ratio=m.interest_ratio, knn=knn, seed=seed, assign=m.interest_assign,
     )
-    model = MISSRec(
-        num_items,
-        [np.asarray(features[s]) for s in cfg.data.features],
-        hidden=m.hidden, max_len=cfg.data.max_len, encoder_layers=m.encoder_layers,
+    return MISSRec(
+        num_items, [np.asarray(f) for f in features],
+        hidden=m.hidden, max_len=max_len, encoder_layers=m.encoder_layers,
         decoder_layers=m.decoder_layers, heads=m.heads, inner=m.inner, dropout=m.dropout,
         attn_dropout=m.attn_dropout, adapter=m.adapter, moe_experts=m.moe_experts,
         use_ids=m.mode == "transductive", temperature=m.temperature, fusion=m.fusion,
         interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
     )
+
+
+def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndarray]) -> MISSRec:
+    """MISSRec over the feature tables named by ``cfg.data.features`` (in that order)."""
+    if not cfg.data.features:
+        raise ValueError("MISSRec needs feature tables: set --features (e.g. feat1CLS,feat3CLS)")
+    m = cfg.missrec
+    model = missrec_from_config(m, num_items, [features[s] for s in cfg.data.features], cfg.data.max_len,
+                                cfg.train.seed)
     if cfg.pretrained:
         load_backbone(model, cfg.pretrained)
-        n = model.set_trainable("adapters")
+        n = model.set_trainable(m.pretrained_trainable)
     else:
         n = model.set_trainable("all")
     log.info("MISSRec (%s, %d modalities): %d trainable parameters", m.mode, model.num_modalities, n)

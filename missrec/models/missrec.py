@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -123,7 +123,7 @@ class MISSRec(nn.Module):
         self.decoder = nn.TransformerDecoder(
             dec, decoder_layers, norm=nn.LayerNorm(hidden, eps=1e-12) if final_norm else None
         )
-        self.fusion_factor = nn.Parameter(torch.zeros(()))
+        self.fusion_factor = nn.Parameter(torch.zeros(1))  # [1]: engines cannot broadcast 0-d tensors
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(1, hidden))
@@ -135,7 +135,12 @@ class MISSRec(nn.Module):
         """Adapted tokens of every item and modality: [M, N + 1, D] (row 0 = padding)."""
         if self._eval_tokens is not None:
             return self._eval_tokens
-        return torch.stack([ad(getattr(self, f"feat{m}")) for m, ad in enumerate(self.adapters)])
+        return self.adapt(slice(None))
+
+    def adapt(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Adapted tokens [M, R, D] of feature rows ``rows`` (item index + 1), in the adapters' dtype."""
+        dtype = self.pos_emb.weight.dtype  # bf16 under a bf16 engine, which leaves buffers as they are
+        return torch.stack([ad(getattr(self, f"feat{m}")[rows].to(dtype)) for m, ad in enumerate(self.adapters)])
 
     def begin_eval(self) -> None:
         """Cache the item tokens for a whole evaluation pass (they do not change without gradients)."""
@@ -148,38 +153,74 @@ class MISSRec(nn.Module):
     def end_eval(self) -> None:
         self._eval_tokens = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the interest index changes size with the pool: take the saved one's shape before loading it
+        key = prefix + "centroids"
+        if key in state_dict and state_dict[key].shape != self.centroids.shape:
+            self.centroids = torch.zeros_like(state_dict[key], device=self.centroids.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ------------------------------------------------------------------------------ interests
     @property
     def has_interests(self) -> bool:
         return bool((self.item_interest[1:] >= 0).any())
 
     @torch.no_grad()
-    def refresh_interests(self) -> dict[str, float]:
-        """Multi-modal interest discovery over all present item tokens; rebuilds the interest index."""
+    def refresh_interests(
+        self, rank: int = 0, world_size: int = 1, discover: Callable[..., object] | None = None
+    ) -> dict[str, float]:
+        """Multi-modal interest discovery over all present item tokens; rebuilds the interest index.
+
+        With ``world_size`` > 1 this rank adapts only its contiguous slice of the items and ``discover``
+        (e.g. :func:`missrec.interests.distributed.discover_interests_distributed`) clusters the pool
+        made of every rank's slice in rank order; every rank ends with the same index."""
         from missrec.interests import InterestConfig, discover_interests
-        from missrec.interests.index import InterestIndex, build_token_pool
+        from missrec.interests.index import build_token_pool
 
         t0 = time.perf_counter()
         was_training = self.training
         self.eval()
-        tokens = self.item_tokens()[:, 1:]  # [M, N, D]
+        lo, hi = item_slice(self.num_items, rank, world_size)
+        tokens = self.adapt(slice(1 + lo, 1 + hi))
         self.train(was_training)
-        pool = build_token_pool(tokens, self.present[1:])
+        pool = build_token_pool(tokens, self.present[1 + lo : 1 + hi])  # [T_r, D], modality-major in the slice
         cfg = self.interest_cfg if self.interest_cfg is not None else InterestConfig()
-        result = discover_interests(pool.tokens.numpy(), cfg)
-        index = InterestIndex.from_result(result, pool)
+        result = (discover or discover_interests)(pool.tokens.numpy(), cfg)
+        labels = torch.as_tensor(np.asarray(result.labels), dtype=torch.long)  # [T] over all slices
+        item_interest = torch.full((self.num_items, self.num_modalities), -1, dtype=torch.long)
+        start = 0
+        for r in range(world_size):  # each slice's labels back to its items
+            rlo, rhi = item_slice(self.num_items, r, world_size)
+            mask = self.present[1 + rlo : 1 + rhi].cpu()  # [n_r, M]
+            count = int(mask.sum())
+            part = torch.full((self.num_modalities, rhi - rlo), -1, dtype=torch.long)
+            part[mask.T] = labels[start : start + count]
+            item_interest[rlo:rhi] = part.T
+            start += count
+        if start != labels.numel():
+            raise RuntimeError(f"MID returned {labels.numel()} labels for {start} tokens")
         dev = self.item_interest.device
         self.item_interest = torch.cat(
-            [torch.full((1, self.num_modalities), -1, dtype=torch.long), index.item_interest]
+            [torch.full((1, self.num_modalities), -1, dtype=torch.long), item_interest]
         ).to(dev)  # [N + 1, M]
-        self.centroids = index.centroids.to(dev, torch.float32)  # [C, D]
+        self.centroids = torch.as_tensor(np.asarray(result.centroids)).to(dev, torch.float32)  # [C, D]
         sizes = result.cluster_sizes()
         secs = time.perf_counter() - t0
-        log.debug("MID: %d tokens -> %d interests in %.2fs", pool.tokens.shape[0], len(sizes), secs)
+        log.debug("MID: %d tokens -> %d interests in %.2fs", labels.numel(), len(sizes), secs)
         return {
-            "clusters": float(len(sizes)), "tokens": float(pool.tokens.shape[0]), "seconds": secs,
+            "clusters": float(len(sizes)), "tokens": float(labels.numel()), "seconds": secs,
             "max_size": float(sizes.max()), "mean_size": float(sizes.mean()),
         }
+
+    def set_interest_index(self, item_interest: torch.Tensor, centroids: torch.Tensor) -> None:
+        """Install an interest index: ``item_interest`` [N, M] (-1: missing), ``centroids`` [C, D]."""
+        if tuple(item_interest.shape) != (self.num_items, self.num_modalities):
+            raise ValueError(f"item_interest must be [{self.num_items}, {self.num_modalities}], "
+                             f"got {tuple(item_interest.shape)}")
+        dev = self.item_interest.device
+        pad = torch.full((1, self.num_modalities), -1, dtype=torch.long)
+        self.item_interest = torch.cat([pad, item_interest.cpu().long()]).to(dev)
+        self.centroids = centroids.detach().to(dev, torch.float32).clone()
 
     def begin_epoch(self, epoch: int) -> dict[str, float]:
         """Called by the trainer before each epoch: MID on the current adapted tokens."""
@@ -192,22 +233,28 @@ class MISSRec(nn.Module):
         return InterestIndex(self.item_interest[1:], self.centroids)
 
     # ------------------------------------------------------------------------------ forward
-    def encode(self, batch: Batch, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """User representation [B, D] (L2-normalised) and the interest regulariser (scalar)."""
+    def encode(
+        self, batch: Batch, tokens: torch.Tensor, lut: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """User representation [B, D] (L2-normalised) and the interest regulariser (scalar).
+
+        ``tokens`` [M, N + 1, D] for every item, or [M, U, D] for a subset with ``lut`` [N + 1] mapping
+        item index + 1 to its row in ``tokens``."""
         batch = batch.trimmed()
         seq = batch.seq  # [B, L]
         length = seq.shape[1]
+        rows = seq if lut is None else lut[seq]  # [B, L]
         present = self.present[seq].to(tokens.dtype)  # [B, L, M]
         x = torch.zeros(*seq.shape, self.hidden, device=seq.device, dtype=tokens.dtype)
         for m in range(self.num_modalities):
-            x = x + tokens[m][seq] * present[..., m : m + 1]  # [B, L, D]
+            x = x + tokens[m][rows] * present[..., m : m + 1]  # [B, L, D]
         if self.item_id is not None:
             x = x + self.item_id(seq)
         x = x + self.pos_emb(torch.arange(length, device=seq.device))[None]
         x = self.drop(self.norm(x))
 
         ids, imask = self.interest_index().sequence_interests(seq)  # [B, K], -1 where padded
-        interest = self.centroids[ids.clamp(min=0)].detach()  # [B, K, D], looked up without gradient
+        interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype)  # [B, K, D], no gradient
         memory = self.encoder(interest, src_key_padding_mask=~imask)  # [B, K, D]
         w = imask.unsqueeze(-1).to(memory.dtype)
         pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
@@ -221,8 +268,17 @@ class MISSRec(nn.Module):
         (item index + 1; default every item) -> [B, C]."""
         if items is None:
             cand, present = tokens[:, 1:], self.present[1:]  # [M, N, D], [N, M]
+            idw = self.item_id.weight[1:] if self.item_id is not None else None
         else:
             cand, present = tokens[:, items], self.present[items]
+            idw = self.item_id.weight[items] if self.item_id is not None else None
+        return self.fuse(user, cand, present, idw)
+
+    def fuse(
+        self, user: torch.Tensor, cand: torch.Tensor, present: torch.Tensor, idw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores [B, C] of ``user`` [B, D] against candidate tokens ``cand`` [M, C, D] whose modalities
+        ``present`` [C, M] says exist; ``idw`` [C, D]: their ID embeddings (transductive)."""
         cand = F.normalize(cand, dim=-1)
         cos = torch.einsum("bd,mnd->bnm", user, cand)  # [B, C, M]
         if self.num_modalities == 1:
@@ -232,8 +288,7 @@ class MISSRec(nn.Module):
             logits = (cos * a).masked_fill(~present, float("-inf"))
             weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an item with no modality: all zero
             fused = (cos * weights).sum(-1)  # [B, C]
-        if self.item_id is not None:
-            idw = self.item_id.weight[1:] if items is None else self.item_id.weight[items]
+        if idw is not None:
             fused = (user @ F.normalize(idw, dim=-1).T + 2 * fused) / 3
         return fused / self.temperature
 
@@ -250,23 +305,61 @@ class MISSRec(nn.Module):
         ce = F.cross_entropy(self.score(user, tokens), batch.target)
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
+    def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adapted tokens of only the items a batch touches: ``items`` (item index + 1, any shape) ->
+        (tokens [M, U, D], their rows ``uniq`` [U], ``lut`` [N + 1] item -> row; padding is row 0)."""
+        pad = torch.zeros(1, dtype=items.dtype, device=items.device)
+        uniq = torch.unique(torch.cat([pad, items.reshape(-1)]))  # sorted: uniq[0] == 0
+        lut = torch.zeros(self.present.shape[0], dtype=torch.long, device=items.device)
+        lut[uniq] = torch.arange(uniq.numel(), device=items.device)
+        tokens = self.adapt(uniq)
+        return tokens, uniq, lut
+
     def pretrain_loss(
         self, batch: Batch, drop_prob: float = 0.2, seq_seq_weight: float = 0.1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        keys: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pre-training: in-batch sequence-item contrastive loss (rows with the same target are not
         negatives of each other) + ``seq_seq_weight`` x sequence-sequence contrastive loss between the
-        batch and an item-drop view + the interest regulariser on both views."""
+        batch and an item-drop view + the interest regulariser on both views.
+
+        Only the items the batch touches are adapted. ``gather`` (e.g. an all-gather across ranks that
+        keeps gradients, [n, ...] -> [world * n, ...]) widens the negatives to the global batch; the
+        local rows are then rows ``offset .. offset + B`` of the gathered batch. ``keys`` = (target
+        keys, user keys) [B] that identify the same item / user across domains (default: the batch's
+        target and user)."""
         from missrec.models.losses import drop_items, in_batch_contrastive
 
-        tokens = self.item_tokens()
-        user, reg = self.encode(batch, tokens)  # [B, D]
-        view, reg_view = self.encode(drop_items(batch, drop_prob, generator), tokens)
-        seq_item = in_batch_contrastive(self.score(user, tokens, batch.target + 1), keys=batch.target)
-        seq_seq = in_batch_contrastive(user @ view.T / self.temperature, keys=batch.user)
+        gather = gather or (lambda t: t)
+        view_batch = drop_items(batch, drop_prob, generator)
+        tokens, _, lut = self.subset_tokens(torch.cat([batch.seq.reshape(-1), batch.target + 1]))
+        user, reg = self.encode(batch, tokens, lut)  # [B, D]
+        view, reg_view = self.encode(view_batch, tokens, lut)  # [B, D]
+        item_key, user_key = keys if keys is not None else (batch.target, batch.user)
+        rows = lut[batch.target + 1]  # [B]
+        cand = gather(tokens[:, rows].transpose(0, 1).contiguous())  # [W * B, M, D]
+        present = gather(self.present[batch.target + 1].to(torch.uint8)).bool()  # [W * B, M]
+        idw = gather(self.item_id(batch.target + 1)) if self.item_id is not None else None
+        all_items, all_users, all_views = gather(item_key), gather(user_key), gather(view)
+        b = batch.seq.shape[0]
+        offset = _local_offset(all_items.shape[0], b)
+        seq_item = _offset_contrastive(self.fuse(user, cand.transpose(0, 1), present, idw), offset,
+                                       item_key, all_items, in_batch_contrastive)
+        seq_seq = _offset_contrastive(user @ all_views.T / self.temperature, offset, user_key, all_users,
+                                      in_batch_contrastive)
         reg_total = reg + reg_view
         loss = seq_item + seq_seq_weight * seq_seq + self.interest_weight * reg_total
         return {"loss": loss, "seq_item": seq_item, "seq_seq": seq_seq, "interest_reg": reg_total}
+
+    def forward(self, batch: Batch, objective: str = "pretrain", **kwargs: object) -> dict[str, torch.Tensor]:
+        """The loss terms of ``objective`` (``pretrain`` or ``finetune``); engines (DeepSpeed ZeRO-3)
+        gather partitioned parameters around this call."""
+        if objective == "pretrain":
+            return self.pretrain_loss(batch, **kwargs)  # type: ignore[arg-type]
+        if objective == "finetune":
+            return self.loss(batch)
+        raise ValueError(f"objective must be 'pretrain' or 'finetune', got {objective!r}")
 
     # ------------------------------------------------------------------------------ transfer
     def backbone_parameters(self) -> list[str]:
@@ -282,3 +375,30 @@ class MISSRec(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad_(name not in frozen)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def item_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous item range [lo, hi) that ``rank`` of ``world_size`` adapts in distributed MID."""
+    per = -(-num_items // world_size)
+    return min(rank * per, num_items), min((rank + 1) * per, num_items)
+
+
+def _local_offset(total: int, local: int) -> int:
+    """Where this rank's rows start in a gathered batch of ``total`` rows (``local`` per rank)."""
+    if total == local:
+        return 0
+    return torch.distributed.get_rank() * local
+
+
+def _offset_contrastive(
+    logits: torch.Tensor, offset: int, keys: torch.Tensor, all_keys: torch.Tensor, loss_fn: Callable
+) -> torch.Tensor:
+    """InfoNCE of local queries ``logits`` [B, W * B] whose positives sit at ``offset + i``; candidates
+    sharing the query's key (other than the positive) are masked out of its denominator."""
+    b, total = logits.shape
+    if total == b:
+        return loss_fn(logits, keys)
+    pos = torch.arange(b, device=logits.device) + offset
+    same = keys.view(-1, 1) == all_keys.view(1, -1)  # [B, W * B]
+    same[torch.arange(b, device=logits.device), pos] = False
+    return F.cross_entropy(logits.masked_fill(same, float("-inf")), pos)

@@ -113,6 +113,13 @@ class RankZero:
             self._tb.close()
             self._tb = None
 
+    def remove_tree(self, name: str) -> None:
+        """Delete ``run_dir/name`` (a folder, e.g. an old checkpoint) on rank 0."""
+        if self.is_zero:
+            import shutil
+
+            shutil.rmtree(self.run_dir / name, ignore_errors=True)
+
     # -------------------------------------------------------------------------------- checkpoints
     def save(self, name: str, state: Mapping[str, Any]) -> Path | None:
         """Save ``state`` with ``torch.save`` atomically under ``run_dir/name``."""

@@ -1,0 +1,161 @@
+"""Distributed helpers that work the same on gloo (CPU) and NCCL (GPU), and as no-ops on one process.
+
+- :func:`init_distributed` — start the process group from the launcher's environment (``deepspeed``,
+  ``torchrun`` or SLURM set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT).
+- :func:`gather_with_grad` — all-gather along dim 0 where the local slice keeps its gradient and the
+  backward pass sums every rank's gradient for that slice back to its owner, so a loss over the
+  gathered tensor trains like the same loss over the global batch on one process.
+- :func:`all_gather_nograd`, :func:`broadcast_object`, :func:`barrier`, :func:`world`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def is_zero(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> World:
+    """This process's place in the job (rank 0 of 1 when no process group is running)."""
+    if not is_distributed():
+        return World(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                 str(dist.get_backend()))
+
+
+def comm_device() -> torch.device:
+    """The device collectives need: this rank's GPU under NCCL, the CPU otherwise."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(backend: str = "auto", standalone: bool = False) -> World:
+    """Join the process group the launcher describes in the environment. When it describes none:
+    a single process without a group, or (``standalone``) a group of one on 127.0.0.1, which DeepSpeed
+    needs. ``backend``: ``auto`` (NCCL with GPUs, gloo otherwise), ``gloo`` or ``nccl``."""
+    if is_distributed():
+        return world()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "MASTER_ADDR" not in os.environ:
+        if not standalone:
+            return world()
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        import deepspeed
+    except ImportError:  # plain torch.distributed is enough when DeepSpeed is absent
+        dist.init_process_group(backend=backend)
+    else:
+        deepspeed.init_distributed(dist_backend=backend)
+    w = world()
+    log.info("process group: rank %d of %d (%s)", w.rank, w.size, w.backend)
+    return w
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        size, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        dev = x.device
+        xc = x.detach().to(comm_device()).contiguous()
+        parts = [torch.empty_like(xc) for _ in range(size)]
+        dist.all_gather(parts, xc)
+        parts[rank] = xc
+        return torch.cat(parts).to(dev)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        dev = grad.device
+        g = grad.to(comm_device()).contiguous()
+        dist.all_reduce(g)  # every rank's gradient of every slice, summed (a reduce-scatter gloo lacks)
+        lo = ctx.rank * ctx.n
+        return g[lo : lo + ctx.n].to(dev)
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [n, ...] on every rank (same n) -> [world * n, ...] in rank order; gradients reach the
+    owners of each slice, summed over ranks. Identity on one process."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [n, ...] (same n on every rank) -> [world * n, ...] in rank order, no gradient."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return x
+    dev = x.device
+    xc = x.detach().to(comm_device()).contiguous()
+    parts = [torch.empty_like(xc) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, xc)
+    return torch.cat(parts).to(dev)
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average a dict of floats over ranks (for logging)."""
+    if not is_distributed() or dist.get_world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))])
+        else:
+            dist.barrier()
+
+
+def shutdown() -> None:
+    """A final barrier, then leave the process group (clean exits under ZeRO-3 too)."""
+    if is_distributed():
+        barrier()
+        dist.destroy_process_group()
