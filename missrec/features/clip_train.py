@@ -81,6 +81,6 @@ def fit_demo_clip(
     model.eval()
     with atomic_open(ckpt, "wb") as fh:
         torch.save(model.state_dict(), fh)
-    log.info("demo CLIP: %d pairs, %d steps, final loss %.3f, %.1fs -> %s", len(with_image), steps, float(loss),
+    log.info("demo CLIP: %d pairs, %d steps, final loss %.3f, %.1fs -> %s", len(with_image), steps, loss.detach().item(),
              time.perf_counter() - t0, ckpt)
     return cfg_path, ckpt

@@ -57,7 +57,8 @@ class SentenceEncoder:
         self.name = name
         self.normalize = normalize
         self.model = SentenceTransformer(resolve_model_path(name), device=device)
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        getdim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(getdim())
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """[N] texts -> [N, D] float32."""
