@@ -20,13 +20,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) launcher/demo.py --out runs/demo
+	OMP_NUM_THREADS=1 $(PY) launcher/demo.py --out runs/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check missrec launcher tests
