@@ -205,8 +205,12 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config ({e})") from e
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -218,8 +222,9 @@ def build(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[st
     """Default (or ``base``) -> each file's diff -> dotted overrides."""
     cfg = base if base is not None else cls()
     for f in files:
+        diff = load_file(f)  # its errors already name the file
         try:
-            cfg = merge(cfg, load_file(f))
+            cfg = merge(cfg, diff)
         except ConfigError as e:
             raise ConfigError(f"{f}: {e}") from None
     if overrides:

@@ -112,22 +112,30 @@ class Domain:
 # --------------------------------------------------------------------------------------------- reading
 
 
+def _text_lines(path: Path, start: int = 1) -> Iterator[tuple[int, str]]:
+    """``(line number, line without newline)`` of a UTF-8 text file; bad UTF-8 names file and line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})", lineno) from None
+
+
 def read_index_map(path: Path) -> list[str]:
     """Read ``raw_id<TAB>index`` lines; indices must be exactly 0..n-1. Returns raw ids in index order."""
     pairs: dict[int, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise DataFormatError(path, f"expected 'raw_id<TAB>index', got {line[:80]!r}", lineno)
-            raw, idx = parts
-            idx_i = _parse_int(idx, path, lineno, "index")
-            if idx_i in pairs:
-                raise DataFormatError(path, f"index {idx_i} appears twice", lineno)
-            pairs[idx_i] = raw
+    for lineno, line in _text_lines(path):
+        if not line:
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise DataFormatError(path, f"expected 'raw_id<TAB>index', got {line[:80]!r}", lineno)
+        raw, idx = parts
+        idx_i = _parse_int(idx, path, lineno, "index")
+        if idx_i in pairs:
+            raise DataFormatError(path, f"index {idx_i} appears twice", lineno)
+        pairs[idx_i] = raw
     n = len(pairs)
     if n and (min(pairs) != 0 or max(pairs) != n - 1):
         raise DataFormatError(path, f"indices are not dense 0..{n - 1} (min {min(pairs)}, max {max(pairs)})")
@@ -138,19 +146,18 @@ def iter_table(path: Path, header: str, fields: int, names: str = "") -> Iterato
     """Rows of a tab-separated file with a fixed ``header``: yields ``(line number, fields)``, skipping
     blank lines. A wrong header or field count is a :class:`DataFormatError` naming file and line.
     The last field takes any further tabs when ``fields`` is 2 (free text)."""
-    with open(path, encoding="utf-8") as fh:
-        first = fh.readline().rstrip("\n")
-        if first != header:
-            raise DataFormatError(path, f"wrong header {first[:120]!r}, expected {header!r}", 1)
-        for lineno, line in enumerate(fh, 2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t", 1) if fields == 2 else line.split("\t")
-            if len(parts) != fields:
-                what = f" ({names})" if names else ""
-                raise DataFormatError(path, f"expected {fields} tab-separated fields{what}, got {len(parts)}", lineno)
-            yield lineno, parts
+    lines = _text_lines(path)
+    first = next(lines, (1, ""))[1]
+    if first != header:
+        raise DataFormatError(path, f"wrong header {first[:120]!r}, expected {header!r}", 1)
+    for lineno, line in lines:
+        if not line:
+            continue
+        parts = line.split("\t", 1) if fields == 2 else line.split("\t")
+        if len(parts) != fields:
+            what = f" ({names})" if names else ""
+            raise DataFormatError(path, f"expected {fields} tab-separated fields{what}, got {len(parts)}", lineno)
+        yield lineno, parts
 
 
 def read_inter(path: Path, num_items: int | None, max_len: int | None = None) -> Split:

@@ -27,7 +27,9 @@ def _read_manifest(folder: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             m = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+    except json.JSONDecodeError as exn:
+        raise DataFormatError(path, f"malformed manifest: {exn.msg}", exn.lineno) from None
+    except UnicodeDecodeError as exn:
         raise DataFormatError(path, f"malformed manifest: {exn}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DataFormatError(path, f"not a {FORMAT} manifest")

@@ -60,8 +60,13 @@ def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndar
 
 def load_backbone(model: MISSRec, path: str) -> None:
     """Load a pre-trained checkpoint's transformer, positions and (shape-compatible) adapters."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    from missrec.transfer.artefacts import load_checkpoint_file
+
+    state = load_checkpoint_file(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors (expected launcher/export.py output)")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and k not in (
         "item_interest", "centroids")}

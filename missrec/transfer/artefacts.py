@@ -37,9 +37,19 @@ def save_adapter(model: nn.Module, path: str | Path, backbone: str | Path, extra
     return Path(path).stat().st_size
 
 
+def load_checkpoint_file(path: str | Path) -> Any:
+    """``torch.load`` on CPU (tensors only); a damaged or foreign file is a ValueError naming ``path``."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def load_adapter(model: nn.Module, path: str | Path, backbone: str | Path) -> dict[str, Any]:
     """Load an adapter onto a model that already holds ``backbone``; refuses another backbone."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} adapter file")
     digest = sha256_file(backbone)
