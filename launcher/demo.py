@@ -23,10 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=DemoConfig.num_cpus, help="Ray CPUs (actors, fine-tuning jobs)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("missrec.interests", "missrec.features", "missrec.data", "missrec.transfer.fanout",
-                  "missrec.serve", "missrec.train", "faiss", "ray"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # the stages speak through missrec.transfer.demo; libraries (open_clip, Ray, DeepSpeed) only warn
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("missrec.transfer.demo").setLevel(logging.INFO)
     cfg = DemoConfig(out=args.out, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, ranks=args.ranks,
                      num_cpus=args.num_cpus)
     res = run_demo(cfg, progress=not args.no_progress)
