@@ -18,13 +18,12 @@ from missrec.transfer.fanout import (
     Job,
     _prepare,
     comparisons,
-    config_diff,
-    inspect_run,
     job_config,
     plan_jobs,
     run_fanout,
 )
 from missrec.transfer.results import domain_table, markdown_table, render_domain_table
+from missrec.transfer.runstate import config_diff, inspect_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
