@@ -4,6 +4,7 @@
     python launcher/bench.py mid --tokens 100000 --dim 300
     python launcher/bench.py extract --items 3000
     python launcher/bench.py pretrain --ranks 1,2 --steps 40
+    python launcher/bench.py report [--quick] [--skip mid,pretrain]   # all of them -> docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -65,6 +66,22 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
                                   workdir=args.workdir, sets=tuple(args.overrides))
 
 
+def cmd_report(args: argparse.Namespace) -> dict:
+    from missrec.bench.report import ReportConfig, render_saved, run_report
+    from missrec.errors import ConfigError
+
+    try:
+        cfg = ReportConfig(
+            output=args.output, data_root=args.data_root, quick=args.quick,
+            skip=tuple(s for s in args.skip.split(",") if s), threads=args.threads,
+            mid_timeout_s=args.mid_timeout, mid_kmeans_timeout_s=args.kmeans_timeout, mid_exact_max=args.exact_max,
+            progress=not args.quiet,
+        )
+        return render_saved(cfg) if args.render_only else run_report(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"bench.py report: error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -104,6 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--workdir", default=None)
     pt.add_argument("--set", action="append", default=[], dest="overrides", help="pre-training config override")
     pt.set_defaults(fn=cmd_pretrain)
+    repo = Path(__file__).resolve().parents[1]
+    rp = sub.add_parser("report", help="run every benchmark; Markdown report with PNG plots and machine details")
+    rp.add_argument("--output", default=str(repo / "docs" / "benchmarks.md"),
+                    help="Markdown file; PNGs and results.json go to the same path without .md")
+    rp.add_argument("--data-root", default=str(repo.parent / "shared" / "datasets"),
+                    help="folder holding scientific/ and scientific_mm/")
+    rp.add_argument("--quick", action="store_true", help="smaller sizes: MID 10k/100k only, fewer steps")
+    rp.add_argument("--skip", default="", help="comma-separated stages: loader,mid,extract,pretrain,finetune,flops")
+    rp.add_argument("--threads", type=int, default=0, help="torch threads for training stages (0: torch default)")
+    rp.add_argument("--mid-timeout", type=float, default=900.0, help="seconds before a DPC-KNN MID run is stopped")
+    rp.add_argument("--kmeans-timeout", type=float, default=300.0, help="seconds before a k-means MID run is stopped")
+    rp.add_argument("--exact-max", type=int, default=10_000, help="largest MID pool for the exact O(N^2) reference")
+    rp.add_argument("--render-only", action="store_true", help="re-render from the saved results.json")
+    rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    rp.set_defaults(fn=cmd_report)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(json.dumps(args.fn(args)))
