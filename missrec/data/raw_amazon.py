@@ -25,10 +25,10 @@ from missrec.data.raw_common import (
     ItemInfo,
     RawCatalogue,
     describe_input,
+    malformed_line,
     open_lines,
     sanitize_text,
 )
-from missrec.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,9 @@ def read_amazon_ratings(path: str | Path, skip_malformed: bool = False, progress
                     except ValueError as e:
                         err = _explain(item, user, rating, ts, e)
             if err is not None:
-                if not skip_malformed:
-                    raise DataFormatError(path, err, lineno)
-                stats["malformed_skipped"] += 1
+                malformed_line(path, lineno, err, skip_malformed, stats, warn=len(skipped) < 5)
                 if len(skipped) < 5:
                     skipped.append(lineno)
-                    log.warning("%s:%d: skipped (%s)", path, lineno, err)
     stats["interactions"] = len(b)
     if skipped:
         stats["malformed_first_lines"] = skipped
@@ -177,10 +174,7 @@ def read_amazon_meta(path: str | Path, wanted: set[str] | Mapping[str, int], max
                     if not isinstance(meta, dict) or not isinstance(meta.get("asin"), str) or not meta["asin"]:
                         err = "expected a JSON object with a non-empty string 'asin'"
             if err is not None:
-                if not skip_malformed:
-                    raise DataFormatError(path, err, lineno)
-                stats["malformed_skipped"] += 1
-                log.warning("%s:%d: skipped (%s)", path, lineno, err)
+                malformed_line(path, lineno, err, skip_malformed, stats)
                 continue
             stats["records"] += 1
             asin = meta["asin"].strip()

@@ -7,6 +7,7 @@ preparation step filters, orders and re-indexes) plus the item metadata found fo
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import re
 import zlib
@@ -21,6 +22,8 @@ from tqdm import tqdm
 
 from missrec.errors import DataFormatError
 from missrec.io import sha256_file
+
+log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -100,6 +103,16 @@ class InteractionBuilder:
             rating=np.frombuffer(self.rating, dtype=np.float64).copy(),
             items=dict(items), excluded=dict(excluded or {}), inputs=inputs, stats=dict(stats or {}),
         )
+
+
+def malformed_line(path: Path, lineno: int, err: str, skip: bool, stats: dict, warn: bool = True) -> None:
+    """A malformed input line: a :class:`DataFormatError` naming file and line, or, when the user chose
+    ``skip``, a skip counted in ``stats["malformed_skipped"]`` (and logged when ``warn``)."""
+    if not skip:
+        raise DataFormatError(path, err, lineno)
+    stats["malformed_skipped"] += 1
+    if warn:
+        log.warning("%s:%d: skipped (%s)", path, lineno, err)
 
 
 def check_raw_id(raw: str, what: str) -> None:

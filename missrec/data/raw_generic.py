@@ -25,6 +25,7 @@ from missrec.data.raw_common import (
     check_raw_id,
     describe_input,
     is_url,
+    malformed_line,
     open_lines,
     sanitize_text,
 )
@@ -117,10 +118,7 @@ def read_interactions_table(path: str | Path, skip_malformed: bool = False, prog
                 except ValueError as e:
                     err = str(e)
         if err is not None:
-            if not skip_malformed:
-                raise DataFormatError(path, err, lineno)
-            stats["malformed_skipped"] += 1
-            log.warning("%s:%d: skipped (%s)", path, lineno, err)
+            malformed_line(path, lineno, err, skip_malformed, stats)
     stats["interactions"] = len(b)
     return b, stats
 
@@ -158,10 +156,7 @@ def read_item_table(path: str | Path, skip_malformed: bool = False, progress: bo
                 if raw in items:
                     err = f"item {raw!r} appears twice"
         if err is not None:
-            if not skip_malformed:
-                raise DataFormatError(path, err, lineno)
-            stats["malformed_skipped"] += 1
-            log.warning("%s:%d: skipped (%s)", path, lineno, err)
+            malformed_line(path, lineno, err, skip_malformed, stats)
             continue
         image = fields[img_col].strip() if img_col is not None else ""
         if not image:

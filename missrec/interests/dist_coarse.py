@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from missrec.interests.dist_comm import Comm
 from missrec.interests.dist_dense import cluster_sums
 from missrec.interests.dpc_knn import InterestConfig
-from missrec.interests.knn import DEFAULT_CHUNK, import_faiss
+from missrec.interests.knn import DEFAULT_CHUNK, import_faiss, seeded_kmeans
 
 
 def _quotas(total: int, sizes: np.ndarray) -> np.ndarray:
@@ -52,29 +51,6 @@ def _refill_empty(centroids: np.ndarray, counts: np.ndarray, eps: float = 1e-4) 
         centroids[e] = centroids[big] * (1 + eps * sign)
         centroids[big] = centroids[big] * (1 - eps * sign)
         counts[e] = counts[big] = counts[big] / 2
-
-
-def _small_kmeans(points: np.ndarray, parts: int, seed: int, iters: int = 8) -> np.ndarray:
-    """Seeded k-means (k-means++ start, ``iters`` Lloyd rounds) of ``points`` [n, D] into ``parts``."""
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
-    parts = min(parts, x.shape[0])
-    picks = [int(rng.integers(x.shape[0]))]
-    d2 = ((x - x[picks[0]]) ** 2).sum(1)
-    for _ in range(1, parts):
-        w = d2.double().clamp_min(0).numpy()
-        picks.append(
-            int(rng.choice(x.shape[0], p=w / w.sum())) if w.sum() > 0 else int(rng.integers(x.shape[0]))
-        )
-        d2 = torch.minimum(d2, ((x - x[picks[-1]]) ** 2).sum(1))
-    cen = x[torch.tensor(picks)].clone()
-    for _ in range(iters):
-        lab = torch.addmm((cen * cen).sum(1)[None, :], x, cen.T, alpha=-2.0).argmin(1)
-        sums = torch.zeros_like(cen).index_add_(0, lab, x)
-        cnt = torch.bincount(lab, minlength=parts)
-        filled = cnt > 0
-        cen[filled] = sums[filled] / cnt[filled, None].float()
-    return cen.numpy()
 
 
 def train_global_centroids(
@@ -120,7 +96,7 @@ def train_global_centroids(
             keep = np.ones(centroids.shape[0], dtype=bool)
             keep[big] = False
             subs = [
-                _small_kmeans(
+                seeded_kmeans(
                     members[member_cell == c], math.ceil(counts[c] / target), cfg.seed + r * 7919 + c
                 )
                 for c in big

@@ -181,7 +181,7 @@ class KnnSearcher:
             keep = np.ones(centroids.shape[0], dtype=bool)
             keep[big] = False
             with _single_threaded_torch() as pool:
-                subs = list(pool.map(lambda job: _lloyd(*job), jobs))
+                subs = list(pool.map(lambda job: seeded_kmeans(*job), jobs))
             logger.debug("coarse cells, round %d: split %d oversized of %d", r, big.size, centroids.shape[0])
             centroids = np.ascontiguousarray(np.concatenate([centroids[keep], *subs]))
         return centroids
@@ -382,7 +382,7 @@ class _single_threaded_torch:
         torch.set_num_threads(self._saved)
 
 
-def _lloyd(points: np.ndarray, parts: int, seed: int, iters: int = 8) -> np.ndarray:
+def seeded_kmeans(points: np.ndarray, parts: int, seed: int, iters: int = 8) -> np.ndarray:
     """Small seeded k-means (k-means++ start) of ``points`` [n, D] into ``parts`` centroids (float32)."""
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
