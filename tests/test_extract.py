@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from missrec.features.images import open_image
 from missrec.features.items import read_item_source
 from missrec.features.job import ExtractConfig, encode_in_process, extract_features
 from missrec.features.pool import FaultHook, PoolConfig
+from missrec.train.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = REPO / ".venv" / "bin" / "ray"
@@ -72,11 +72,6 @@ def reference(domain_dir, spec) -> dict:
     return encode_in_process(spec, read_item_source(domain_dir, DOMAIN))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ray_env() -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", PATH=f"{RAY.parent}:{os.environ['PATH']}")
@@ -87,7 +82,7 @@ def _ray_env() -> dict:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on 127.0.0.1 with the dashboard (job API); yields (gcs address, dashboard URL)."""
-    port, dash, client, agent = (_free_port() for _ in range(4))
+    port, dash, client, agent = (free_port() for _ in range(4))
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch.multiprocessing as mp
 from missrec.bench.mid import adjusted_rand_index, clustered_tokens
 from missrec.interests import InterestConfig, discover_interests
 from missrec.interests.dpc_knn import as_token_matrix
+from missrec.train.dist import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -123,18 +123,13 @@ def _save(out: Path, name: str, rank: int, res) -> None:
     (out / f"{name}.{rank}.json").write_text(json.dumps({"info": res.info, "timings": res.timings}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_ranks(tmp: Path, world: int, splits: tuple[float, ...], cases: list[str]) -> Path:
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        mp.spawn(_worker, args=(world, _free_port(), str(tmp), splits, cases), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), str(tmp), splits, cases), nprocs=world, join=True)
     finally:
         for key, val in saved.items():
             if val is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,12 @@ import torch
 
 from missrec.config import PretrainConfig
 from missrec.errors import ConfigError
+from missrec.train.dist import launch_command
 from missrec.train.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TINY = ["missrec.hidden=32", "missrec.inner=64", "missrec.heads=2", "max_len=20", "progress=false"]
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -46,14 +40,7 @@ def pretrain(out: Path, data: list[Path], ranks: int, sets: list[str], zero: str
         args += ["--set", s]
     if resume:
         args.append("--resume")
-    script = str(REPO / "launcher" / "pretrain.py")
-    if ranks == 1:
-        cmd = [sys.executable, script, *args]
-    elif launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(_port()), script, *args]
-    else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-               "--master_port", str(_port()), script, *args]
+    cmd = launch_command(str(REPO / "launcher" / "pretrain.py"), args, ranks, launcher)
     proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

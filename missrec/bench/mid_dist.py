@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import resource
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from missrec.bench.mid import adjusted_rand_index
+from missrec.train.dist import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +136,6 @@ def _dump(out: Path, tag: str, res: Any, wall: float, cpu: float, rss_before: in
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def run_mid_dist_benchmark(
     tokens: int = 100_000,
@@ -180,7 +175,7 @@ def run_mid_dist_benchmark(
                 "out": tmp,
             }
             t0 = time.perf_counter()
-            mp.spawn(_rank_main, args=(world_size, _free_port(), job), nprocs=world_size, join=True)
+            mp.spawn(_rank_main, args=(world_size, free_port(), job), nprocs=world_size, join=True)
             dist_wall = time.perf_counter() - t0
             ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
             with np.load(Path(tmp) / "rank0.npz") as z:

@@ -12,23 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from missrec.train.dist import launch_command
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def synthetic_shards(workdir: Path, items: int = 1000, users: int = 2000) -> list[Path]:
@@ -63,14 +58,13 @@ def run_pretrain_benchmark(
     results = {}
     for n in ranks:
         out = work / f"run-{n}"
-        args = [str(REPO / "launcher" / "pretrain.py"), "--deepspeed_config",
-                str(REPO / "cluster_configs" / f"{zero}.json"), "--data", ",".join(map(str, data)),
-                "--output-dir", str(out), "--quiet", "--set", f"batch_size={batch_size}", "--set", "epochs=1",
-                "--set", f"max_steps_per_epoch={steps}", "--set", "threads=1", "--set", "checkpoint_every=0"]
+        args = ["--deepspeed_config", str(REPO / "cluster_configs" / f"{zero}.json"), "--data",
+                ",".join(map(str, data)), "--output-dir", str(out), "--quiet", "--set", f"batch_size={batch_size}",
+                "--set", "epochs=1", "--set", f"max_steps_per_epoch={steps}", "--set", "threads=1",
+                "--set", "checkpoint_every=0"]
         for s in sets:
             args += ["--set", s]
-        cmd = ([str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(n), "--master_port",
-                str(_port()), *args] if n > 1 else [sys.executable, *args])
+        cmd = launch_command(str(REPO / "launcher" / "pretrain.py"), args, n)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

@@ -52,12 +52,31 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous on this machine)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def launch_command(script: str, args: list[str], ranks: int, launcher: str = "deepspeed") -> list[str]:
+    """The command line that runs ``script args`` on ``ranks`` local ranks: ``deepspeed`` or ``torchrun``
+    from this interpreter's environment (a plain ``python`` for one rank), rendezvous on 127.0.0.1."""
+    import sys
+    from pathlib import Path
+
+    if ranks == 1:
+        return [sys.executable, script, *args]
+    bin_dir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        return [str(bin_dir / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port()),
+                script, *args]
+    if launcher == "torchrun":
+        return [str(bin_dir / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), script, *args]
+    raise ValueError(f"launcher must be 'deepspeed' or 'torchrun', got {launcher!r}")
 
 
 def init_distributed(backend: str = "auto", standalone: bool = False) -> World:
@@ -70,7 +89,7 @@ def init_distributed(backend: str = "auto", standalone: bool = False) -> World:
         if not standalone:
             return world()
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

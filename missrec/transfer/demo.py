@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 from missrec.config import RunConfig, build
 from missrec.data.synthetic import SyntheticConfig, generate_catalogue, load_item_table
 from missrec.io import write_json
+from missrec.train.dist import launch_command
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -57,11 +56,6 @@ FINETUNE = ["train.batch_size=128", "train.patience=5", "missrec.pretrained_trai
 def _stage(n: int, text: str) -> None:
     log.info("[%d/8] %s", n, text)
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare_domains(catalogue: Path, out: Path, domains: tuple[str, ...]) -> dict[str, Any]:
@@ -116,16 +110,12 @@ def pretrain(shards: Path, sources: tuple[str, ...], run: Path, ranks: int, epoc
     """``deepspeed --num_accelerators RANKS launcher/pretrain.py`` (ZeRO-2, CPU), then the export."""
     from missrec.train.export import export_checkpoint
 
-    args = [str(REPO / "launcher" / "pretrain.py"), "--deepspeed_config", str(REPO / "cluster_configs/zero2.json"),
+    args = ["--deepspeed_config", str(REPO / "cluster_configs/zero2.json"),
             "--data", ",".join(str(shards / d) for d in sources), "--output-dir", str(run), "--quiet",
             "--set", f"epochs={epochs}", "--set", "batch_size=64", "--resume"]
     for s in MODEL:
         args += ["--set", s.removeprefix("data.")]
-    if ranks > 1:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(ranks),
-               "--master_port", str(_port()), *args]
-    else:
-        cmd = [sys.executable, *args]
+    cmd = launch_command(str(REPO / "launcher" / "pretrain.py"), args, ranks)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     log.info("    %s", " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
