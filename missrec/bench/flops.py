@@ -19,6 +19,11 @@ import torch
 from missrec.data.batching import Batch
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant figures (a tiny model's rate keeps its precision)."""
+    return float(f"{x:.{digits}g}")
+
+
 def matmul_rate(n: int = 2048, repeats: int = 10, warmup: int = 2, dtype: torch.dtype = torch.float32) -> dict:
     """Time ``repeats`` products of two [n, n] matrices (after ``warmup``); 2 n^3 FLOPs each.
 
@@ -38,8 +43,8 @@ def matmul_rate(n: int = 2048, repeats: int = 10, warmup: int = 2, dtype: torch.
         rates.append(flops / (time.perf_counter() - t0) / 1e9)
     return {
         "n": n, "repeats": repeats, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "gflops_max": round(max(rates), 2), "gflops_median": round(statistics.median(rates), 2),
-        "gflops_min": round(min(rates), 2),
+        "gflops_max": _sig(max(rates)), "gflops_median": _sig(statistics.median(rates)),
+        "gflops_min": _sig(min(rates)),
     }
 
 
@@ -124,11 +129,11 @@ def step_rate(
         "flops_total": flops,
         "flops_forward": sum(c["forward"] for c in counted),
         "flops_by_op": by_op,
-        "step_seconds": [round(t, 4) for t in times],
-        "seconds_per_step": round(seconds / len(batches), 4),
+        "step_seconds": [_sig(t) for t in times],
+        "seconds_per_step": _sig(seconds / len(batches)),
         "sequences_per_second": round(sum(len(b) for b in batches) / seconds, 1),
-        "achieved_gflops": round(flops / seconds / 1e9, 2),
-        "fraction_of_ceiling": round(flops / seconds / 1e9 / ceiling_gflops, 4),
+        "achieved_gflops": _sig(flops / seconds / 1e9),
+        "fraction_of_ceiling": _sig(flops / seconds / 1e9 / ceiling_gflops),
         "threads": torch.get_num_threads(),
     }
     if analytic is not None:
