@@ -134,6 +134,7 @@ class PretrainConfig:
     nonfinite: str = "error"  # error | skip
     threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
     progress: bool = True
+    trace_samples: bool = False  # record each rank's trained rows per step in RUN/trace/ (train/trace.py)
     missrec: MISSRecConfig = field(
         default_factory=lambda: MISSRecConfig(mode="inductive", interest_ratio=0.02)
     )

@@ -172,28 +172,81 @@ def test_zero_stages_lower_the_loss(catalogue, tmp_path, zero):
 def zero2_run(catalogue, tmp_path_factory) -> Path:
     """An uninterrupted ZeRO-2 pre-training on 2 ranks (checkpoint every 5 steps)."""
     out = tmp_path_factory.mktemp("zero2") / "run"
-    pretrain(out, [catalogue["Kitchen"], catalogue["Garden"]], 2, ["epochs=6", "batch_size=32", "checkpoint_every=5"])
+    pretrain(out, [catalogue["Kitchen"], catalogue["Garden"]], 2, RESUMABLE)
     return out
+
+
+RESUMABLE = ["epochs=6", "batch_size=32", "checkpoint_every=5", "trace_samples=true"]
+
+
+def _assert_same_training(ref: Path, run: Path) -> None:
+    """Same final parameters as the uninterrupted run, and the same rows in the same steps: within each
+    epoch every planned row trained once, none twice, none skipped (train/trace.py)."""
+    from missrec.train.trace import read_trace
+
+    a, b = export(ref), export(run)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    for rank in (0, 1):
+        want, got = read_trace(ref, rank), read_trace(run, rank)
+        assert [t[1] for t in got] == list(range(len(got)))  # global steps 0, 1, 2, ... each once
+        assert got == want
+        for epoch in {t[0] for t in got}:
+            for dom in {t[3] for t in got}:
+                rows = [r for t in got if t[0] == epoch and t[3] == dom for r in t[4]]
+                assert len(rows) == len(set(rows)), f"rank {rank} epoch {epoch}: a row trained twice"
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_reaches_the_same_parameters(catalogue, zero2_run, tmp_path):
     from missrec.train.pretrain import FAULT_ENV
 
+    from missrec.train.checkpoint import latest_tag
+
     data = [catalogue["Kitchen"], catalogue["Garden"]]
     run = tmp_path / "killed"
-    sets = ["epochs=6", "batch_size=32", "checkpoint_every=5"]
     steps = json.loads((zero2_run / "env.json").read_text())["steps_per_epoch"]
-    kill_at = steps + 7  # mid-epoch 1, after the checkpoint at step steps + 5 (or the epoch end)
-    proc = pretrain(run, data, 2, sets, env=_env(**{FAULT_ENV: f"{kill_at}:1"}), check=False)
+    kill_at = next(s for s in range(steps + 3, 2 * steps) if s % 5 == 3)  # mid-epoch 1, 3 steps past a checkpoint
+    proc = pretrain(run, data, 2, RESUMABLE, env=_env(**{FAULT_ENV: f"{kill_at}:1"}), check=False)
     assert proc.returncode != 0
     assert not (run / "metrics.json").exists()
-    pretrain(run, data, 2, sets, resume=True)
+    resumed_at = int(latest_tag(run).removeprefix("step"))
+    assert steps <= resumed_at < kill_at
+    pretrain(run, data, 2, RESUMABLE, resume=True)
     m = json.loads((run / "metrics.json").read_text())
-    assert m["steps_this_run"] < m["global_step"]  # it did resume, not restart
-    ref, got = export(zero2_run), export(run)
-    for k in ref:
-        assert torch.allclose(ref[k], got[k], atol=1e-6, rtol=1e-5), k
+    assert m["steps_this_run"] == m["global_step"] - resumed_at  # it resumed at the checkpoint, not restarted
+    killed = (run / "trace" / "rank1-from00000000.tsv").read_text().splitlines()
+    assert len(killed) > resumed_at  # the killed attempt trained steps past the checkpoint: redone, not doubled
+    _assert_same_training(zero2_run, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["diskfull", "die"])
+def test_checkpoint_write_fault_keeps_the_previous_checkpoint(catalogue, zero2_run, tmp_path, mode):
+    """The disk fills up (EFBIG) or the rank dies (SIGXFSZ) while writing a checkpoint: that checkpoint
+    is never marked complete, the previous one is the one resumed from, and training ends as if nothing
+    had happened."""
+    from missrec.train.checkpoint import COMPLETE, complete_tags
+    from missrec.train.pretrain import SAVE_FAULT_ENV
+
+    data = [catalogue["Kitchen"], catalogue["Garden"]]
+    run = tmp_path / mode
+    steps = json.loads((zero2_run / "env.json").read_text())["steps_per_epoch"]
+    at = next(s for s in range(steps + 1, 2 * steps) if s % 5 == 0)  # a mid-epoch checkpoint of epoch 1
+    proc = pretrain(run, data, 2, RESUMABLE, env=_env(**{SAVE_FAULT_ENV: f"{at}:1:{mode}"}), check=False)
+    assert proc.returncode != 0
+    if mode == "diskfull":
+        out = proc.stdout + proc.stderr
+        assert f"step{at:08d}: writing the checkpoint failed" in out, out[-5000:]  # an error, not a kill
+        assert "so --resume uses step" in out
+    assert (run / "checkpoints" / f"step{at:08d}").is_dir()  # the interrupted save left files behind ...
+    assert not (run / "checkpoints" / f"step{at:08d}" / COMPLETE).exists()  # ... never marked complete
+    previous = complete_tags(run)[-1][0]
+    assert previous < at
+    pretrain(run, data, 2, RESUMABLE, resume=True)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps_this_run"] == m["global_step"] - previous
+    _assert_same_training(zero2_run, run)
 
 
 @pytest.mark.slow

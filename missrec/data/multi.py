@@ -138,10 +138,10 @@ class MultiDomainData:
             orders.append(np.concatenate([rng.permutation(seq.shape[0]) for _ in range(reps)])[:need])
         return domains, orders
 
-    def batches(
+    def step_rows(
         self, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0,
-    ) -> Iterator[tuple[int, Batch]]:
-        """(step, this rank's batch of ``batch_size`` rows) for steps ``start_step ..`` of ``epoch``."""
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(step, domain, this rank's row indices [batch_size]) for steps ``start_step ..`` of ``epoch``."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         g = batch_size * world_size
@@ -152,13 +152,23 @@ class MultiDomainData:
             used[d] += 1
             if step < start_step:
                 continue
-            idx = orders[d][k * g + rank * batch_size : k * g + (rank + 1) * batch_size]
-            seq, lens, tgt, usr = self.rows[d]
-            longest = int(lens[idx].max())
-            yield step, Batch(
-                torch.from_numpy(seq[idx, :longest].astype(np.int64)),
-                torch.from_numpy(lens[idx].astype(np.int64)),
-                torch.from_numpy(tgt[idx].astype(np.int64)),
-                torch.from_numpy(usr[idx].astype(np.int64)),
-                torch.full((len(idx),), int(d), dtype=torch.int64),
-            )
+            yield step, int(d), orders[d][k * g + rank * batch_size : k * g + (rank + 1) * batch_size]
+
+    def batch(self, domain: int, idx: np.ndarray) -> Batch:
+        """Rows ``idx`` of ``domain`` as a batch, cut to their longest history: seq [B, max len]."""
+        seq, lens, tgt, usr = self.rows[domain]
+        longest = int(lens[idx].max())
+        return Batch(
+            torch.from_numpy(seq[idx, :longest].astype(np.int64)),
+            torch.from_numpy(lens[idx].astype(np.int64)),
+            torch.from_numpy(tgt[idx].astype(np.int64)),
+            torch.from_numpy(usr[idx].astype(np.int64)),
+            torch.full((len(idx),), int(domain), dtype=torch.int64),
+        )
+
+    def batches(
+        self, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0,
+    ) -> Iterator[tuple[int, Batch]]:
+        """(step, this rank's batch of ``batch_size`` rows) for steps ``start_step ..`` of ``epoch``."""
+        for step, d, idx in self.step_rows(epoch, batch_size, rank, world_size, seed, start_step):
+            yield step, self.batch(d, idx)

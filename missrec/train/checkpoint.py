@@ -26,6 +26,10 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); names the folder and the fallback."""
+
+
 def tag_for(global_step: int) -> str:
     return f"step{global_step:08d}"
 
@@ -53,8 +57,14 @@ def save(engine: Any, rz: RankZero, global_step: int, client_state: dict[str, An
     t0 = time.perf_counter()
     tag = tag_for(global_step)
     root = rz.run_dir / CHECKPOINTS
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    _fsync_folder(root / tag)  # durable before it can be marked complete
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+        _fsync_folder(root / tag)  # durable before it can be marked complete
+    except (OSError, RuntimeError) as exn:  # torch.save reports a full disk as a RuntimeError
+        previous = latest_tag(rz.run_dir)
+        raise CheckpointWriteError(
+            f"{root / tag}: writing the checkpoint failed ({exn}); it is not marked complete, so --resume "
+            f"uses {previous or 'no checkpoint (none is complete yet)'}") from exn
     barrier()
     rz.write_json(f"{CHECKPOINTS}/{tag}/{COMPLETE}", {
         "global_step": global_step, "epoch": client_state.get("epoch"),

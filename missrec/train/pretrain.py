@@ -38,10 +38,15 @@ from missrec.train.dist import (
 from missrec.train.engine import bf16_enabled, deepspeed_config, init_engine, read_ds_config, zero_stage
 from missrec.train.loop import NonFiniteLossError
 from missrec.train.rank_zero import RankZero
+from missrec.train.trace import SampleTrace
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "MISSREC_FAULT_SIGKILL_STEP"  # test hook: "STEP[:RANK]" kills that rank before that global step
+# test hook: "STEP:RANK:diskfull|die" limits that rank's file size (RLIMIT_FSIZE, 4 KiB) just before the
+# checkpoint save after global step STEP: "diskfull" makes the checkpoint's writes fail with an OSError,
+# as a full disk does; "die" lets the kernel kill the rank (SIGXFSZ) in the middle of writing it
+SAVE_FAULT_ENV = "MISSREC_FAULT_SAVE"
 
 
 def _step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -56,6 +61,23 @@ def _maybe_fault(global_step: int, rank: int) -> None:
     if int(step) == global_step and int(who or 0) == rank:
         log.warning("fault injection: SIGKILL on rank %d before global step %d", rank, global_step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _maybe_save_fault(global_step: int, rank: int) -> None:
+    spec = os.environ.get(SAVE_FAULT_ENV, "")
+    if not spec:
+        return
+    step, who, mode = spec.split(":")
+    if int(step) != global_step or int(who) != rank:
+        return
+    import resource
+
+    log.warning("fault injection: %s while rank %d writes the checkpoint of global step %d", mode, rank, global_step)
+    if mode == "diskfull":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    elif mode != "die":
+        raise ValueError(f"{SAVE_FAULT_ENV}: mode must be diskfull or die, got {mode!r}")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def _discover() -> Any:
@@ -124,6 +146,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
                 "item_interest": module.item_interest[1:].cpu(), "centroids": module.centroids.cpu(),
                 "world_size": w.size, "global_batch": g}
 
+    trace = SampleTrace(run_dir, w.rank, global_step, cfg.trace_samples)
     timers = {"mid": 0.0, "data": 0.0, "step": 0.0, "checkpoint": 0.0}
     skipped = 0
     bar = tqdm(total=steps * cfg.epochs, initial=epoch * steps + start_step, desc="pre-train", unit="step",
@@ -143,9 +166,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         sums: dict[str, float] = {}
         module.train()
         t_data = time.perf_counter()
-        for step, batch in data.batches(epoch, cfg.batch_size, w.rank, w.size, cfg.seed, start_step):
+        for step, dom, rows in data.step_rows(epoch, cfg.batch_size, w.rank, w.size, cfg.seed, start_step):
             if step >= steps:
                 break
+            batch = data.batch(dom, rows)
+            trace.step(epoch, global_step, step, dom, rows)
             timers["data"] += time.perf_counter() - t_data
             _maybe_fault(global_step, w.rank)
             t0 = time.perf_counter()
@@ -180,6 +205,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}", epoch=epoch)
             if cfg.checkpoint_every > 0 and global_step % cfg.checkpoint_every == 0 and step + 1 < steps:
+                _maybe_save_fault(global_step, w.rank)
                 t0 = time.perf_counter()
                 checkpoint.save(engine, rz, global_step, client_state(epoch, step + 1), cfg.keep_checkpoints)
                 timers["checkpoint"] += time.perf_counter() - t0
@@ -189,9 +215,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         log.info("epoch %d: %s", epoch, {k: round(v / n, 5) for k, v in sums.items()})
         epoch, start_step = epoch + 1, 0
         t0 = time.perf_counter()
+        _maybe_save_fault(global_step, w.rank)
         checkpoint.save(engine, rz, global_step, client_state(epoch, 0), cfg.keep_checkpoints)
         timers["checkpoint"] += time.perf_counter() - t0
     bar.close()
+    trace.close()
     wall = time.perf_counter() - t_run
     busy = max(sum(timers.values()), 1e-9)
     summary = {
