@@ -71,3 +71,52 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def replace_folder(new: str | Path, dest: str | Path) -> None:
+    """Make the complete folder ``new`` appear at ``dest`` in one step, then delete what ``dest`` held.
+
+    ``dest`` absent: one ``rename``. ``dest`` present: Linux ``renameat2(RENAME_EXCHANGE)`` swaps the two
+    atomically, so a reader of ``dest`` sees the old complete folder or the new one, never a mix; where the
+    file system cannot exchange, ``dest`` is first renamed to ``.<name>.previous`` (a crash between the two
+    renames leaves the old folder there, named in :func:`previous_folder`).
+    """
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.rename(new, dest)
+    elif _exchange(new, dest):
+        shutil.rmtree(new)
+    else:
+        previous = previous_folder(dest)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(dest, previous)
+        os.rename(new, dest)
+        shutil.rmtree(previous)
+    _fsync_dir(dest.parent)
+
+
+def previous_folder(dest: str | Path) -> Path:
+    """Where :func:`replace_folder` parks the old folder when it cannot exchange atomically."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}.previous"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))

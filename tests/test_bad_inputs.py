@@ -273,16 +273,16 @@ def _bytes(name: str, pos: int | bytes, new: bytes | None = None) -> Callable[[P
 
 
 def shard_rewrite_fails(t: Path) -> Bad:
-    """A rewrite that fails (NaN features) leaves the folder incomplete: no old manifest over new files."""
+    """A rewrite that fails (NaN features, caught while staging) leaves the previous complete folder as it was."""
     _write_shards(t)
     out = t / "Toy"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def after() -> None:
-        assert not shards_exist(out)
-        with pytest.raises(DataFormatError, match=re.escape(str(out / MANIFEST))):
-            ShardSource(out)
+        assert shards_exist(out) and {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert ShardSource(out, verify=True).num_items > 0
 
-    return Bad(lambda: _write_shards(t, nan=True), out / "Toy.f", after)
+    return Bad(lambda: _write_shards(t, nan=True), t / ".Toy.incoming" / "Toy.f", after)
 
 
 # ------------------------------------------------------------------------------------- configs

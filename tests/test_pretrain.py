@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,8 @@ def test_checkpoint_write_fault_keeps_the_previous_checkpoint(catalogue, zero2_r
         out = proc.stdout + proc.stderr
         assert f"step{at:08d}: writing the checkpoint failed" in out, out[-5000:]  # an error, not a kill
         assert "so --resume uses step" in out
+    else:
+        assert f"exits with return code = -{int(signal.SIGXFSZ)}" in proc.stdout + proc.stderr  # killed mid-write
     assert (run / "checkpoints" / f"step{at:08d}").is_dir()  # the interrupted save left files behind ...
     assert not (run / "checkpoints" / f"step{at:08d}" / COMPLETE).exists()  # ... never marked complete
     previous = complete_tags(run)[-1][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from missrec.data.atomic import SPLITS, Domain, Split, write_features, write_index_map, write_text
 from missrec.data.shard_format import _SHARD_RE, FORMAT, FORMAT_VERSION, MANIFEST, SAMPLE_EXT
-from missrec.io import _fsync_dir, atomic_open, sha256_file, write_json
+from missrec.io import _fsync_dir, atomic_open, replace_folder, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,27 @@ def _split_samples(
         }
 
 
+def _check_replaceable(dest: Path) -> None:
+    """Refuse to replace a folder holding files that no shard write made (they would be deleted)."""
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise NotADirectoryError(f"{dest}: exists and is not a folder")
+    ours = {MANIFEST}
+    try:
+        old = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
+        ours |= {f["file"] for f in [*old.get("features", {}).values(), *old.get("tables", {}).values()]}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        pass
+    foreign = sorted(p.name for p in dest.iterdir()
+                     if p.name not in ours and not _SHARD_RE.match(p.name) and not p.name.startswith("."))
+    if foreign:
+        raise FileExistsError(
+            f"{dest}: holds files a shard write did not make ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); writing shards replaces the whole folder, so give "
+            "the shards a folder of their own")
+
+
 def write_domain_shards(
     domain: Domain,
     out_dir: Path,
@@ -77,10 +99,12 @@ def write_domain_shards(
 ) -> dict:
     """Write ``domain`` as WebDataset shards + item tables + ``manifest.json`` into ``out_dir``.
 
-    ``feature_suffixes`` selects tables of ``domain.features`` to copy next to the shards. The manifest
-    is written last (atomically); an existing manifest is removed first, so an interrupted rewrite
-    leaves a folder that :func:`shards_exist` reports as incomplete. Stale shards of an earlier write
-    that the new manifest does not list are deleted at the end. Returns the manifest.
+    ``feature_suffixes`` selects tables of ``domain.features`` to copy next to the shards. Everything is
+    written into a staging sibling, ``.<out_dir name>.incoming``, the manifest last; only the complete
+    folder then replaces ``out_dir`` (:func:`missrec.io.replace_folder`: one atomic exchange). A write
+    that fails or dies half-way (full disk, kill) leaves the previous complete ``out_dir`` as it was,
+    and the next write clears the staging folder. ``out_dir`` may only hold what a shard write made
+    (an earlier shard set): anything else is refused rather than deleted. Returns the manifest.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -89,12 +113,14 @@ def write_domain_shards(
         raise KeyError(
             f"domain {domain.name!r} has no feature table(s) {missing}; loaded: {sorted(domain.features)}"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = Path(out_dir)
+    _check_replaceable(dest)
+    out_dir = dest.parent / f".{dest.name}.incoming"
+    if out_dir.exists():
+        log.info("removing %s, left by an earlier write that did not finish", out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        manifest_path.unlink()
-        _fsync_dir(out_dir)
     # fixed member mtime: the same domain gives byte-identical shards (same sha256); an int, because a
     # float mtime costs a PAX header (512 bytes more) per member
     mtime = 0
@@ -166,14 +192,9 @@ def write_domain_shards(
         "source": str(domain.root),
     }
     write_json(manifest_path, manifest)
-
-    listed = {s["file"] for sp in splits.values() for s in sp["shards"]}
-    for p in out_dir.iterdir():
-        if _SHARD_RE.match(p.name) and p.name not in listed:
-            log.info("removing stale shard %s (not in the new manifest)", p)
-            p.unlink()
+    replace_folder(out_dir, dest)
     log.info(
-        "wrote %s shards to %s in %.1fs: %s", domain.name, out_dir, time.time() - t0,
+        "wrote %s shards to %s in %.1fs: %s", domain.name, dest, time.time() - t0,
         {k: (v["rows"], len(v["shards"])) for k, v in splits.items()},
     )
     return manifest

@@ -7,6 +7,9 @@ Layout of one shard folder (one folder per domain, e.g. ``shards/Scientific/``):
     Scientific.text  Scientific.item2index  Scientific.user2index   (where the domain has them)
     manifest.json                           written last; its presence marks a complete folder
 
+A write stages the whole folder in ``.<name>.incoming`` next to it and swaps it in only when complete
+(``shard_writer.py``), so a write that fails or dies leaves the previous complete folder in use.
+
 A shard holds one tar member per row of its split, ``{split}-{row:09d}.json`` =
 ``{"user": int, "history": [0-based item indices, oldest first], "target": int, "row": int, "last": bool}``
 (``last``: the row is its user's longest in the split, what causally trained models read).

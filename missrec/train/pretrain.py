@@ -73,10 +73,11 @@ def _maybe_save_fault(global_step: int, rank: int) -> None:
     import resource
 
     log.warning("fault injection: %s while rank %d writes the checkpoint of global step %d", mode, rank, global_step)
-    if mode == "diskfull":
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
-    elif mode != "die":
+    if mode not in ("diskfull", "die"):
         raise ValueError(f"{SAVE_FAULT_ENV}: mode must be diskfull or die, got {mode!r}")
+    # Python starts with SIGXFSZ ignored (writes past the limit fail with EFBIG); "die" restores the
+    # kernel's default action, which kills the process in the middle of the write
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN if mode == "diskfull" else signal.SIG_DFL)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
