@@ -200,9 +200,8 @@ def _assert_same_training(ref: Path, run: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_reaches_the_same_parameters(catalogue, zero2_run, tmp_path):
-    from missrec.train.pretrain import FAULT_ENV
-
     from missrec.train.checkpoint import latest_tag
+    from missrec.train.pretrain import FAULT_ENV
 
     data = [catalogue["Kitchen"], catalogue["Garden"]]
     run = tmp_path / "killed"
