@@ -7,6 +7,7 @@ The Ray tests share one head started here on 127.0.0.1 (private temp dir and por
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,22 +81,20 @@ def _ray_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head on 127.0.0.1 with the dashboard (job API); yields (gcs address, dashboard URL)."""
+@contextlib.contextmanager
+def _head(num_cpus: int = 2) -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """A private Ray head on 127.0.0.1 with the dashboard; yields (gcs address, dashboard URL, process)."""
     port, dash, client, agent = (free_port() for _ in range(4))
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-         "--num-cpus", "2", "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-         "--temp-dir", temp_dir, "--disable-usage-stats"],
+         "--num-cpus", str(num_cpus), "--ray-client-server-port", str(client), "--dashboard-agent-listen-port",
+         str(agent), "--temp-dir", temp_dir, "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=_ray_env(), start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
-    old_auth = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # for ray.init(address=...) from this process
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -107,20 +107,37 @@ def ray_head():
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"ray head did not start: {(Path(temp_dir) / 'head.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield f"127.0.0.1:{port}", url
+        yield f"127.0.0.1:{port}", url, proc
+    finally:
+        _stop_head(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # the --block process stops the Ray processes it started
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # our own session: only what this head started
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """The module's shared head; yields (gcs address, dashboard URL)."""
+    old_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # for ray.init(address=...) from this process
+    try:
+        with _head() as (address, url, _):
+            yield address, url
     finally:
         if old_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = old_auth
-        proc.send_signal(signal.SIGTERM)  # the --block process stops the Ray processes it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own session: only what this fixture started
-            proc.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _tables(out: Path, n: int = N_ITEMS) -> tuple[np.ndarray, np.ndarray]:
@@ -350,3 +367,64 @@ def test_sentence_transformers_text_only_domain(tmp_path):
     assert np.allclose(got, want, rtol=TOL, atol=TOL)
     assert set(meta["tables"]) == {"text"} and not (tmp_path / "S.feat3CLS").exists()
     assert (tmp_path / "S.minilm.json").exists() and meta["model"]["weights_sha256"]
+
+
+# the extraction job of the head-stop test, run as its own driver: every actor takes a second per chunk
+# (FaultHook.delay_s), so that the head can be stopped while the job is half done
+_SLOW_DRIVER = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from missrec.features.encode import EncoderSpec
+from missrec.features.job import ExtractConfig, extract_features
+from missrec.features.pool import FaultHook, PoolConfig
+address, domain_dir, domain, out, model, pretrained, model_config = sys.argv[1:8]
+spec = EncoderSpec(backend="open_clip", model=model, pretrained=pretrained, model_config=model_config, batch_size=4)
+extract_features(ExtractConfig(domain_dir, domain, spec, PoolConfig(num_actors=2, address=address),
+                               out_dir=out, chunk_size=4, progress=False, fault=FaultHook(delay_s=1.0)))
+"""
+
+
+@pytest.mark.slow
+def test_ray_head_stopped_mid_job_then_rerun(domain_dir, spec, reference, tmp_path):
+    """The Ray head node dies (SIGKILL to its processes) while half the chunks are stored: the driver
+    fails (within RAY_gcs_rpc_server_reconnect_timeout_s) without writing the tables; the rerun, on a
+    fresh local Ray, encodes only the missing chunks, every item once."""
+    out = tmp_path / "out"
+    chunk_dir = out / ".chunks" / f"{DOMAIN}.features"
+    env = dict(_ray_env(), RAY_gcs_rpc_server_reconnect_timeout_s="5")
+    with _head() as (address, _, head):
+        job = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_DRIVER, address, str(domain_dir), DOMAIN, str(out), spec.model,
+             spec.pretrained, spec.model_config], cwd=REPO, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while len(list(chunk_dir.glob("chunk-*.json"))) < 3:
+            assert job.poll() is None, f"the job ended before the head was stopped: {job.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no chunk stored within 120 s"
+            time.sleep(0.2)
+        os.killpg(head.pid, signal.SIGKILL)  # the head node dies: GCS, raylet, dashboard, its workers
+        head.wait()
+        try:
+            job.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            pytest.fail("the job hung after its Ray head stopped")
+    log = job.stdout.read()
+    assert job.returncode != 0, log[-4000:]
+    done = len(list(chunk_dir.glob("chunk-*.json")))
+    assert 3 <= done < 15 and not (out / f"{DOMAIN}.features.json").exists()
+
+    proc = subprocess.run(
+        [sys.executable, "launcher/extract_features.py", "--domain-dir", str(domain_dir), "--domain", DOMAIN,
+         "--backend", "open_clip", "--model-config", spec.model_config, "--pretrained", spec.pretrained,
+         "--num-actors", "2", "--chunk-size", "4", "--batch-size", "4", "--out", str(out), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=_ray_env(), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert meta["chunks"]["skipped"] == done and meta["chunks"]["computed"] == 15 - done
+    ranges = sorted((m["start"], m["end"]) for m in (json.loads(p.read_text()) for p in chunk_dir.glob("chunk-*.json")))
+    assert len(ranges) == 15 and ranges[0][0] == 0 and ranges[-1][1] == N_ITEMS
+    assert all(prev[1] == nxt[0] for prev, nxt in itertools.pairwise(ranges))  # every item once
+    text, image = _tables(out)
+    assert np.allclose(text, reference["text"], rtol=TOL, atol=TOL)
+    assert np.allclose(image, reference["image"], rtol=TOL, atol=TOL)

@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FaultHook:
     """Test-only: the actor that receives chunk ``chunk`` exits (``os._exit(1)``) once, before encoding
-    it; the ``marker`` file it creates first keeps the restarted actor from failing again."""
+    it; the ``marker`` file it creates first keeps the restarted actor from failing again. Every actor
+    also waits ``delay_s`` before each chunk (a slow encoder, so that a test can act mid-job)."""
 
-    chunk: int
-    marker: str
+    chunk: int = -1
+    marker: str = ""
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class FeatureWorker:
                images: Sequence[str] | None) -> dict:
         """Encode chunk ``chunk``; see :meth:`ChunkEncoder.encode` (plus ``chunk`` and ``pid``)."""
         f = self.fault
+        if f is not None and f.delay_s > 0:
+            time.sleep(f.delay_s)
         if f is not None and f.chunk == chunk and not os.path.exists(f.marker):
             Path(f.marker).write_text(f"pid {self.pid} exits on chunk {chunk}\n")
             logging.getLogger(__name__).warning("fault hook: pid %d exits on chunk %d", self.pid, chunk)
