@@ -92,6 +92,9 @@ class MISSRecConfig:
     use_interests: bool = True
     fusion: str = "dynamic"  # dynamic | mean
     final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has)
+    # interest regulariser: mean (of the real interests' outputs, over the batch) | official (the official
+    # code's scale: padded outputs included, times the real fraction, summed over the batch)
+    interest_reg: str = "mean"
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
 

@@ -6,9 +6,13 @@
 - :func:`drop_items` — the item-drop view for the sequence-sequence loss. Items are dropped by
   position in the item sequence, so every modality of a dropped item disappears together (the official
   code drew the text and image drops independently).
+- :func:`offset_contrastive` — the InfoNCE of this rank's rows against candidates gathered from every
+  rank (:func:`local_offset` says where this rank's rows sit among them).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,3 +54,24 @@ def drop_items(batch: Batch, prob: float, generator: torch.Generator | None = No
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # [B, L]
     new_seq = torch.where(torch.gather(keep, 1, order), torch.gather(seq, 1, order), torch.zeros_like(seq))
     return Batch(new_seq, keep.sum(dim=1), batch.target, batch.user, batch.domain)
+
+
+def local_offset(total: int, local: int) -> int:
+    """Where this rank's rows start in a gathered batch of ``total`` rows (``local`` per rank)."""
+    if total == local:
+        return 0
+    return torch.distributed.get_rank() * local
+
+
+def offset_contrastive(
+    logits: torch.Tensor, offset: int, keys: torch.Tensor, all_keys: torch.Tensor, loss_fn: Callable
+) -> torch.Tensor:
+    """InfoNCE of local queries ``logits`` [B, W * B] whose positives sit at ``offset + i``; candidates
+    sharing the query's key (other than the positive) are masked out of its denominator."""
+    b, total = logits.shape
+    if total == b:
+        return loss_fn(logits, keys)
+    pos = torch.arange(b, device=logits.device) + offset
+    same = keys.view(-1, 1) == all_keys.view(1, -1)  # [B, W * B]
+    same[torch.arange(b, device=logits.device), pos] = False
+    return F.cross_entropy(logits.masked_fill(same, float("-inf")), pos)

@@ -73,12 +73,16 @@ class MISSRec(nn.Module):
         interest_weight: float = 1e-4,
         interest_cfg: object | None = None,
         final_norm: bool = False,
+        interest_reg: str = "mean",
     ) -> None:
         super().__init__()
         if not features:
             raise ValueError("MISSRec needs at least one modality feature table")
         if fusion not in ("dynamic", "mean"):
             raise ValueError(f"fusion must be 'dynamic' or 'mean', got {fusion!r}")
+        if interest_reg not in ("mean", "official"):
+            raise ValueError(f"interest_reg must be 'mean' or 'official', got {interest_reg!r}")
+        self.interest_reg = interest_reg
         self.num_items = num_items
         self.num_modalities = len(features)
         self.hidden = hidden
@@ -256,9 +260,13 @@ class MISSRec(nn.Module):
         ids, imask = self.interest_index().sequence_interests(seq)  # [B, K], -1 where padded
         interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype)  # [B, K, D], no gradient
         memory = self.encoder(interest, src_key_padding_mask=~imask)  # [B, K, D]
-        w = imask.unsqueeze(-1).to(memory.dtype)
-        pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
-        reg = (pooled * pooled).sum(-1).mean() / self.hidden
+        w = imask.unsqueeze(-1).to(memory.dtype)  # [B, K, 1]
+        if self.interest_reg == "official":  # padded outputs included, x real fraction, summed over the batch
+            pooled = (memory * w.mean(1, keepdim=True)).sum(1)  # [B, D]
+            reg = (pooled * pooled).sum() / self.hidden
+        else:  # the mean of the real interests' outputs, averaged over the batch
+            pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
+            reg = (pooled * pooled).sum(-1).mean() / self.hidden
         h = self.decoder(x, memory, tgt_key_padding_mask=seq == 0, memory_key_padding_mask=~imask)  # [B, L, D]
         user = F.normalize(gather_last(h, batch.seq_len), dim=-1)  # [B, D]
         return user, reg
@@ -329,7 +337,7 @@ class MISSRec(nn.Module):
         local rows are then rows ``offset .. offset + B`` of the gathered batch. ``keys`` = (target
         keys, user keys) [B] that identify the same item / user across domains (default: the batch's
         target and user)."""
-        from missrec.models.losses import drop_items, in_batch_contrastive
+        from missrec.models.losses import drop_items, in_batch_contrastive, local_offset, offset_contrastive
 
         gather = gather or (lambda t: t)
         view_batch = drop_items(batch, drop_prob, generator)
@@ -343,10 +351,10 @@ class MISSRec(nn.Module):
         idw = gather(self.item_id(batch.target + 1)) if self.item_id is not None else None
         all_items, all_users, all_views = gather(item_key), gather(user_key), gather(view)
         b = batch.seq.shape[0]
-        offset = _local_offset(all_items.shape[0], b)
-        seq_item = _offset_contrastive(self.fuse(user, cand.transpose(0, 1), present, idw), offset,
+        offset = local_offset(all_items.shape[0], b)
+        seq_item = offset_contrastive(self.fuse(user, cand.transpose(0, 1), present, idw), offset,
                                        item_key, all_items, in_batch_contrastive)
-        seq_seq = _offset_contrastive(user @ all_views.T / self.temperature, offset, user_key, all_users,
+        seq_seq = offset_contrastive(user @ all_views.T / self.temperature, offset, user_key, all_users,
                                       in_batch_contrastive)
         reg_total = reg + reg_view
         loss = seq_item + seq_seq_weight * seq_seq + self.interest_weight * reg_total
@@ -381,24 +389,3 @@ def item_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
     """The contiguous item range [lo, hi) that ``rank`` of ``world_size`` adapts in distributed MID."""
     per = -(-num_items // world_size)
     return min(rank * per, num_items), min((rank + 1) * per, num_items)
-
-
-def _local_offset(total: int, local: int) -> int:
-    """Where this rank's rows start in a gathered batch of ``total`` rows (``local`` per rank)."""
-    if total == local:
-        return 0
-    return torch.distributed.get_rank() * local
-
-
-def _offset_contrastive(
-    logits: torch.Tensor, offset: int, keys: torch.Tensor, all_keys: torch.Tensor, loss_fn: Callable
-) -> torch.Tensor:
-    """InfoNCE of local queries ``logits`` [B, W * B] whose positives sit at ``offset + i``; candidates
-    sharing the query's key (other than the positive) are masked out of its denominator."""
-    b, total = logits.shape
-    if total == b:
-        return loss_fn(logits, keys)
-    pos = torch.arange(b, device=logits.device) + offset
-    same = keys.view(-1, 1) == all_keys.view(1, -1)  # [B, W * B]
-    same[torch.arange(b, device=logits.device), pos] = False
-    return F.cross_entropy(logits.masked_fill(same, float("-inf")), pos)
