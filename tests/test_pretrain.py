@@ -269,3 +269,24 @@ def test_pretrained_backbone_beats_scratch_on_a_held_out_domain(catalogue, zero2
     pre = finetune("pre", [f"pretrained={zero2_run / 'backbone.pt'}", "missrec.pretrained_trainable=all"])
     assert pre["ndcg@10"] > scratch["ndcg@10"] and pre["recall@50"] >= scratch["recall@50"], (pre, scratch)
     np.testing.assert_array_less(0, list(pre.values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_nonfinite_loss_on_one_rank_is_skipped_and_counted_or_stops_naming_it(catalogue, tmp_path, policy):
+    from missrec.train.pretrain import NAN_FAULT_ENV
+
+    data = [catalogue["Kitchen"], catalogue["Garden"]]
+    run = tmp_path / policy
+    sets = ["epochs=1", "batch_size=32", "max_steps_per_epoch=4", f"nonfinite={policy}"]
+    proc = pretrain(run, data, 2, sets, env=_env(**{NAN_FAULT_ENV: "2:1"}), check=policy == "skip")
+    if policy == "skip":  # both ranks skip the step together (the engines stay in step), and count it
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["skipped_nonfinite"] == 1 and m["steps_this_run"] == 4
+        assert all(np.isfinite(v) for v in m["history"][0].values())
+        assert all(torch.isfinite(v).all() for v in export(run).values())
+    else:
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "non-finite pre-training loss at epoch 0 step 2 (global 2) on rank(s) [1]" in out
+        assert "non-finite parameters: none" in out and "of domain" in out

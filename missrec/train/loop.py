@@ -37,7 +37,16 @@ class Recommender(Protocol):
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A NaN/inf loss with ``nonfinite="error"``: the message names the step, the batch and the
+    parameters that are no longer finite (if any)."""
+
+
+def nonfinite_parameters(model: nn.Module, limit: int = 8) -> str:
+    """``"none"``, or the names of (up to ``limit``) parameters holding NaN or inf."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not bad:
+        return "none"
+    return ", ".join(bad[:limit]) + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
 
 
 @dataclass
@@ -142,8 +151,9 @@ def fit(
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 raise NonFiniteLossError(
-                    f"epoch {epoch} step {step}: loss is {loss.item()} for the batch of users "
-                    f"{batch.user[:8].tolist()}...; set train.nonfinite=skip to skip such steps"
+                    f"epoch {epoch} step {step}: loss is {loss.item()} for the batch of {len(batch)} rows, users "
+                    f"{batch.user[:8].tolist()}{'...' if len(batch) > 8 else ''}; non-finite parameters: "
+                    f"{nonfinite_parameters(model)}; set train.nonfinite=skip to skip such steps"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -36,7 +36,7 @@ from missrec.train.dist import (
     shutdown,
 )
 from missrec.train.engine import bf16_enabled, deepspeed_config, init_engine, read_ds_config, zero_stage
-from missrec.train.loop import NonFiniteLossError
+from missrec.train.loop import NonFiniteLossError, nonfinite_parameters
 from missrec.train.rank_zero import RankZero
 from missrec.train.trace import SampleTrace
 
@@ -47,6 +47,7 @@ FAULT_ENV = "MISSREC_FAULT_SIGKILL_STEP"  # test hook: "STEP[:RANK]" kills that 
 # checkpoint save after global step STEP: "diskfull" makes the checkpoint's writes fail with an OSError,
 # as a full disk does; "die" lets the kernel kill the rank (SIGXFSZ) in the middle of writing it
 SAVE_FAULT_ENV = "MISSREC_FAULT_SAVE"
+NAN_FAULT_ENV = "MISSREC_FAULT_NAN_STEP"  # test hook: "STEP[:RANK]" makes that rank's loss NaN at that step
 
 
 def _step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -165,6 +166,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
                      int(mid["clusters"]), mid["seconds"])
         resumed_index = False
         sums: dict[str, float] = {}
+        counted = 0
         module.train()
         t_data = time.perf_counter()
         for step, dom, rows in data.step_rows(epoch, cfg.batch_size, w.rank, w.size, cfg.seed, start_step):
@@ -180,14 +182,17 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             out = engine(batch, objective="pretrain", drop_prob=cfg.drop_prob, seq_seq_weight=cfg.seq_seq_weight,
                          generator=gen, gather=gather_with_grad, keys=(batch.target, batch.user))
             loss = out["loss"]
-            finite = all_gather_nograd(torch.isfinite(loss.detach()).reshape(1).float()).min() > 0
-            if not finite:
+            if os.environ.get(NAN_FAULT_ENV) in (str(global_step), f"{global_step}:{w.rank}"):
+                loss = loss * float("nan")
+            flags = all_gather_nograd(torch.isfinite(loss.detach()).reshape(1).float()).reshape(-1)  # [world]
+            bad = (flags == 0).nonzero().reshape(-1).tolist()  # ranks whose loss is NaN/inf
+            if bad:
                 if cfg.nonfinite == "error":
                     raise NonFiniteLossError(
                         f"non-finite pre-training loss at epoch {epoch} step {step} (global {global_step}) on "
-                        f"rank {w.rank}: {float(loss):.4g}; users {batch.user[:8].tolist()}... of domain "
-                        f"{data.names[int(batch.domain[0])]}; parameters finite: "
-                        f"{all(bool(torch.isfinite(p).all()) for p in module.parameters())}")
+                        f"rank(s) {bad} (this is rank {w.rank}, loss {float(loss):.4g}); this rank's batch: users "
+                        f"{batch.user[:8].tolist()}... of domain {data.names[dom]}, rows {rows[:8].tolist()}...; "
+                        f"non-finite parameters: {nonfinite_parameters(module)}; set nonfinite=skip to skip")
                 skipped += 1
                 log.warning("skipped a non-finite loss at global step %d (%d so far)", global_step, skipped)
             else:
@@ -197,8 +202,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             global_step += 1
             steps_run += 1
             terms = all_reduce_mean({k: float(v.detach()) for k, v in out.items()})
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
+            if not bad:  # a skipped step counts in skipped_nonfinite, not in the epoch's mean losses
+                counted += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
             gnorm = engine.get_global_grad_norm()
             rz.scalars({**{f"train/{k}": v for k, v in terms.items()}, "train/lr": engine.get_lr()[0],
                         "train/grad_norm": float(gnorm) if gnorm is not None else float("nan"),
@@ -211,7 +218,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
                 checkpoint.save(engine, rz, global_step, client_state(epoch, step + 1), cfg.keep_checkpoints)
                 timers["checkpoint"] += time.perf_counter() - t0
             t_data = time.perf_counter()
-        n = max(1, steps - start_step)
+        n = max(1, counted)
         history.append({"epoch": epoch, **{k: v / n for k, v in sums.items()}})
         log.info("epoch %d: %s", epoch, {k: round(v / n, 5) for k, v in sums.items()})
         epoch, start_step = epoch + 1, 0
