@@ -184,3 +184,34 @@ def test_fanout_failure_then_rerun(synthetic_root, tmp_path, caplog, capsys, mon
     assert office["values"]["transductive N@10"] > 0 and office["values"]["transductive vs sasrec N@10"] is not None
     md = (runs / "results.md").read_text()
     assert "## Failed jobs" not in md and "| failed" not in md
+
+
+@pytest.mark.slow
+def test_fanout_job_killed_then_rerun(synthetic_root, tmp_path, capsys, monkeypatch):
+    """One job's Ray worker is SIGKILLed mid-run: the other jobs finish and the results are written;
+    the rerun runs only the killed job."""
+    from missrec.transfer.fanout import KILL_FAULT_ENV
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv(KILL_FAULT_ENV, "Kitchen/sasrec")  # inherited by the local Ray's workers
+    runs = tmp_path / "runs"
+    argv = ["--data-root", str(synthetic_root), "--domains", "Kitchen", "--settings", "inductive,sasrec",
+            "--features", "feat1CLS,feat3CLS", "--output-dir", str(runs), "--num-cpus", "2",
+            "--cpus-per-job", "1", "--quiet", *[a for s in TINY for a in ("--set", s)],
+            "--set", "train.max_steps_per_epoch=3"]
+    launcher = _launcher()
+    assert launcher.main(argv) == 1
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["failed"] == ["Kitchen/sasrec"] and last["counts"] == {"ok": 1, "skipped": 0, "failed": 1}
+    killed = next(j for j in json.loads((runs / "results.json").read_text())["jobs"] if j["status"] == "failed")
+    assert "died" in killed["error"].lower() or "crash" in killed["error"].lower(), killed["error"]
+    assert "fault injection: SIGKILL" in (runs / "Kitchen" / "sasrec" / LOG_NAME).read_text()
+    assert (runs / "Kitchen" / "inductive" / "metrics.json").exists()
+    assert not (runs / "Kitchen" / "sasrec" / "metrics.json").exists()
+
+    monkeypatch.delenv(KILL_FAULT_ENV)
+    assert launcher.main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["counts"] == {"ok": 1, "skipped": 1, "failed": 0}
+    assert (runs / "Kitchen" / "sasrec" / "metrics.json").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -169,6 +170,9 @@ def _append_log(path: Path, message: str) -> None:
 # ------------------------------------------------------------------------------------------ the Ray task
 
 
+KILL_FAULT_ENV = "MISSREC_FAULT_KILL_JOB"  # test hook: "DOMAIN/SETTING" SIGKILLs that job's worker at its start
+
+
 def run_job(config: dict[str, Any], threads: int, tail_lines: int = 30) -> dict[str, Any]:
     """Body of one Ray task: run ``config`` (a :func:`~missrec.config.to_dict` RunConfig) with ``threads``
     torch threads, logging to ``<output_dir>/finetune.log``. Never raises: returns ``{"status": "ok",
@@ -191,6 +195,10 @@ def run_job(config: dict[str, Any], threads: int, tail_lines: int = 30) -> dict[
     try:
         log.info("job %s/%s starts on %s with %d torch threads", config["data"]["domain"],
                  run_dir.name, os.uname().nodename, torch.get_num_threads())
+        if os.environ.get(KILL_FAULT_ENV) == f"{config['data']['domain']}/{run_dir.name}":
+            log.warning("fault injection: SIGKILL of this job's worker process")
+            handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
         metrics = run_finetune(from_dict(RunConfig, config))
         return {"status": "ok", "metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)}
     except Exception as e:  # a failed job is reported, it does not stop the others
