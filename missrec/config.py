@@ -95,6 +95,7 @@ class MISSRecConfig:
     # interest regulariser: mean (of the real interests' outputs, over the batch) | official (the official
     # code's scale: padded outputs included, times the real fraction, summed over the batch)
     interest_reg: str = "mean"
+    adapter_init: str = "normal"  # normal (N(0, 0.02), zero bias) | torch (torch's default, as the official code)
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
 

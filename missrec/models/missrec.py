@@ -74,6 +74,7 @@ class MISSRec(nn.Module):
         interest_cfg: object | None = None,
         final_norm: bool = False,
         interest_reg: str = "mean",
+        adapter_init: str = "normal",
     ) -> None:
         super().__init__()
         if not features:
@@ -133,6 +134,12 @@ class MISSRec(nn.Module):
         self.register_buffer("centroids", torch.zeros(1, hidden))
         self._eval_tokens: torch.Tensor | None = None
         self.apply(init_weights)
+        if adapter_init == "torch":  # the official code's adapters keep torch's default init (non-zero bias)
+            for mod in self.adapters.modules():
+                if isinstance(mod, nn.Linear):
+                    mod.reset_parameters()
+        elif adapter_init != "normal":
+            raise ValueError(f"adapter_init must be 'normal' or 'torch', got {adapter_init!r}")
 
     # ------------------------------------------------------------------------------ item tokens
     def item_tokens(self) -> torch.Tensor:
