@@ -140,3 +140,20 @@ def test_replace_folder_swaps_whole_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     assert _files(old) == {"b": b"new"}
     np.testing.assert_equal(len(list(tmp_path.glob(".d.*"))), 0)
+
+
+def test_shards_rewritten_through_a_symlink_and_a_relative_path(catalogue, tmp_path, monkeypatch):
+    dom = load_domain(catalogue, DOMAIN)
+    real = tmp_path / "real"
+
+    def train_shards() -> int:
+        return len(json.loads((real / MANIFEST).read_text())["splits"]["train"]["shards"])
+
+    write_domain_shards(dom, real, samples_per_shard=400, show_progress=False)
+    n400 = train_shards()
+    (tmp_path / "link").symlink_to(real)
+    write_domain_shards(dom, tmp_path / "link", samples_per_shard=100, show_progress=False)
+    assert (tmp_path / "link").is_symlink() and shards_exist(tmp_path / "link") and train_shards() > n400
+    monkeypatch.chdir(real)
+    write_domain_shards(dom, ".", samples_per_shard=400, show_progress=False)  # the folder itself
+    assert shards_exist(real) and train_shards() == n400

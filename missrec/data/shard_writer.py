@@ -113,7 +113,7 @@ def write_domain_shards(
         raise KeyError(
             f"domain {domain.name!r} has no feature table(s) {missing}; loaded: {sorted(domain.features)}"
         )
-    dest = Path(out_dir)
+    dest = Path(out_dir).resolve()  # a symlinked folder is replaced where it really is
     _check_replaceable(dest)
     out_dir = dest.parent / f".{dest.name}.incoming"
     if out_dir.exists():
