@@ -201,25 +201,26 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config diff."""
+def load_file(path: str | Path, what: str = "config", json_only: bool = False) -> dict[str, Any]:
+    """Read a YAML or JSON mapping (``json_only``: JSON whatever the suffix); errors name the file and,
+    for a syntax error, the line. ``what`` names the kind of file in the messages."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e})") from e
+        raise ConfigError(f"{path}: cannot read {what} ({e})") from e
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if json_only or path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
-    if data is None:
+    if data is None and not json_only:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping (a JSON object)")
     return data
 
 

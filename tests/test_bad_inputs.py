@@ -473,7 +473,7 @@ CASES = [
          config("run.json", '{\n "train": {\n  "lr": ,\n }\n}\n')),
     case("ds-bad-json", ConfigError, 4, "not valid JSON",
          ds('{\n "zero_optimization": {\n  "stage": 2,\n }\n}\n')),
-    case("ds-not-object", ConfigError, None, "top level must be an object", ds("[1, 2]\n")),
+    case("ds-not-object", ConfigError, None, "top level must be a mapping", ds("[1, 2]\n")),
     case("ds-batch-disagrees", ConfigError, None, "train_batch_size=99 disagrees with the toolkit's value 16",
          ds('{"train_batch_size": 99}', PretrainConfig(batch_size=8), 2)),
     case("ds-bad-stage", ConfigError, None, "zero_optimization.stage",

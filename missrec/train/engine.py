@@ -11,7 +11,6 @@ compiled on any machine.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from missrec.config import PretrainConfig
+from missrec.config import PretrainConfig, load_file
 from missrec.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,18 +28,7 @@ _ZERO_STAGES = (0, 1, 2, 3)
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     """The DeepSpeed JSON at ``path`` (errors name the file and, for bad JSON, the line)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the DeepSpeed config ({e})") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be an object")
-    return data
+    return load_file(path, "the DeepSpeed config", json_only=True)
 
 
 def _agree(path: str, cfg: dict[str, Any], key: str, value: Any) -> None:
