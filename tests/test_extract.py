@@ -145,6 +145,17 @@ def _tables(out: Path, n: int = N_ITEMS) -> tuple[np.ndarray, np.ndarray]:
             np.array(read_features(out / f"{DOMAIN}.feat3CLS", n)))
 
 
+def _launch(domain_dir: Path, spec: EncoderSpec, out: Path, chunk_size: int) -> dict:
+    """A plain local run of the launcher (it starts and stops its own Ray, 2 actors); its metadata."""
+    proc = subprocess.run(
+        [sys.executable, "launcher/extract_features.py", "--domain-dir", str(domain_dir), "--domain", DOMAIN,
+         "--backend", "open_clip", "--model-config", spec.model_config, "--pretrained", spec.pretrained,
+         "--num-actors", "2", "--chunk-size", str(chunk_size), "--batch-size", str(chunk_size), "--out", str(out),
+         "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300, env=_ray_env(), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _index(item_id: str) -> int:
     return int(item_id.rsplit("-", 1)[1])
 
@@ -288,13 +299,7 @@ def test_rerun_redoes_only_the_deleted_chunk_via_launcher(pool_run, domain_dir, 
     meta0, out = pool_run
     before = _tables(out)
     (out / ".chunks" / f"{DOMAIN}.features" / "chunk-000003.image.npy").unlink()
-    proc = subprocess.run(
-        [sys.executable, "launcher/extract_features.py", "--domain-dir", str(domain_dir), "--domain", DOMAIN,
-         "--backend", "open_clip", "--model-config", spec.model_config, "--pretrained", spec.pretrained,
-         "--num-actors", "2", "--chunk-size", "8", "--batch-size", "8", "--out", str(out), "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=_ray_env(), check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    meta = json.loads(proc.stdout.strip().splitlines()[-1])
+    meta = _launch(domain_dir, spec, out, chunk_size=8)
     assert meta["chunks"]["computed"] == 1 and meta["chunks"]["skipped"] == 7 and meta["chunks"]["stale"] == 1
     assert meta["items_computed"] == 8 and meta["run"]["ray"].startswith("local")
     after = _tables(out)
@@ -414,13 +419,7 @@ def test_ray_head_stopped_mid_job_then_rerun(domain_dir, spec, reference, tmp_pa
     done = len(list(chunk_dir.glob("chunk-*.json")))
     assert 3 <= done < 15 and not (out / f"{DOMAIN}.features.json").exists()
 
-    proc = subprocess.run(
-        [sys.executable, "launcher/extract_features.py", "--domain-dir", str(domain_dir), "--domain", DOMAIN,
-         "--backend", "open_clip", "--model-config", spec.model_config, "--pretrained", spec.pretrained,
-         "--num-actors", "2", "--chunk-size", "4", "--batch-size", "4", "--out", str(out), "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=_ray_env(), check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    meta = json.loads(proc.stdout.strip().splitlines()[-1])
+    meta = _launch(domain_dir, spec, out, chunk_size=4)
     assert meta["chunks"]["skipped"] == done and meta["chunks"]["computed"] == 15 - done
     ranges = sorted((m["start"], m["end"]) for m in (json.loads(p.read_text()) for p in chunk_dir.glob("chunk-*.json")))
     assert len(ranges) == 15 and ranges[0][0] == 0 and ranges[-1][1] == N_ITEMS
