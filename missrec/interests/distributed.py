@@ -69,10 +69,12 @@ from missrec.interests.dpc_knn import (
     InterestConfig,
     assign_by_parent,
     density_rank,
+    dpc_result,
     first_denser,
     resolve_k,
     resolve_num_clusters,
     select_centres,
+    settle_top,
 )
 
 logger = logging.getLogger(__name__)
@@ -248,10 +250,7 @@ def _dpc_knn_distributed(
     info["peaks_bruteforce"] = int(counts.sum())
     delta = comm.all_gather_concat(np.sqrt(delta2 / scale))  # [N]
     parent = comm.all_gather_concat(parent)  # [N]
-    others = np.ones(n, dtype=bool)
-    others[top] = False
-    delta[top] = delta[others].max()
-    parent[top] = top
+    settle_top(delta, parent, top)
     timings["delta"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -262,15 +261,4 @@ def _dpc_knn_distributed(
         labels = assign_by_parent(parent, centres)
     centroids, _ = mean_centroids_distributed(comm, x, labels[lo : lo + n_r], c)
     timings["assign"] = time.perf_counter() - t0
-    with np.errstate(under="ignore"):
-        rho = np.exp(log_rho)
-    return ClusterResult(
-        labels=labels,
-        centres=centres,
-        centroids=centroids,
-        rho=rho,
-        delta=delta,
-        timings=timings,
-        method="dpc_knn",
-        info=info,
-    )
+    return dpc_result(labels, centres, centroids, log_rho, delta, timings, info)

@@ -258,6 +258,24 @@ def mean_centroids(x: np.ndarray, labels: np.ndarray, c: int, chunk: int = 65536
     return (acc / counts[:, None]).float().numpy()
 
 
+def settle_top(delta: np.ndarray, parent: np.ndarray, top: int) -> None:
+    """The density maximum ``top`` has no denser token: its δ becomes the largest other δ and it is
+    its own parent (in place; ``delta``, ``parent`` [N])."""
+    others = np.ones(delta.shape[0], dtype=bool)
+    others[top] = False
+    delta[top] = delta[others].max()
+    parent[top] = top
+
+
+def dpc_result(labels: np.ndarray, centres: np.ndarray, centroids: np.ndarray, log_rho: np.ndarray,
+               delta: np.ndarray, timings: dict[str, float], info: dict[str, Any]) -> ClusterResult:
+    """The :class:`ClusterResult` of a DPC-KNN run (ρ = exp(log ρ))."""
+    with np.errstate(under="ignore"):
+        rho = np.exp(log_rho)
+    return ClusterResult(labels=labels, centres=centres, centroids=centroids, rho=rho, delta=delta,
+                         timings=timings, method="dpc_knn", info=info)
+
+
 # ---------------------------------------------------------------------------- restricted search
 def nearest_denser_bruteforce(
     x: np.ndarray,
@@ -389,10 +407,7 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
         delta2[unresolved] = pair_d2(x, unresolved, par[:, None])[:, 0]
     info["peaks_bruteforce"] = int(unresolved.size)
     delta = np.sqrt(delta2 / scale)  # [N]
-    others = np.ones(n, dtype=bool)
-    others[top] = False
-    delta[top] = delta[others].max()
-    parent[top] = top
+    settle_top(delta, parent, top)
     timings["delta"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -411,15 +426,4 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
         timings["total"],
         ", ".join(f"{key}={val:.1f}s" for key, val in timings.items() if key != "total"),
     )
-    with np.errstate(under="ignore"):
-        rho = np.exp(log_rho)
-    return ClusterResult(
-        labels=labels,
-        centres=centres,
-        centroids=centroids,
-        rho=rho,
-        delta=delta,
-        timings=timings,
-        method="dpc_knn",
-        info=info,
-    )
+    return dpc_result(labels, centres, centroids, log_rho, delta, timings, info)
