@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 from missrec.bench.mid import adjusted_rand_index, clustered_tokens
 from missrec.interests import InterestConfig, discover_interests
 from missrec.interests.dpc_knn import as_token_matrix
-from missrec.train.dist import free_port
+from missrec.train.dist import free_port, init_loopback_gloo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -76,13 +75,7 @@ def _worker(rank: int, world: int, port: int, out: str, splits: tuple[float, ...
     from missrec.interests.distributed import discover_interests_distributed
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_loopback_gloo(rank, world, port, timeout_s=120)
     try:
         for name in cases:
             x = case_tokens(name)

@@ -9,7 +9,6 @@ Set ``OMP_NUM_THREADS`` (``threads``) so the ranks do not oversubscribe the core
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from missrec.bench.mid import adjusted_rand_index
-from missrec.train.dist import free_port
+from missrec.train.dist import free_port, init_loopback_gloo
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +79,7 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     from missrec.interests.distributed import discover_interests_distributed
 
     torch.set_num_threads(int(job["threads"]))
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=3600),
-    )
+    init_loopback_gloo(rank, world, port, timeout_s=3600)
     try:
         b = _bounds(job["tokens"], world)
         x, _ = shard_tokens(job["tokens"], job["dim"], int(b[rank]), int(b[rank + 1]), job["seed"])

@@ -61,6 +61,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def init_loopback_gloo(rank: int, world_size: int, port: int, timeout_s: float) -> None:
+    """Join a gloo group of ``world_size`` processes on 127.0.0.1:``port`` (spawned workers of a test or
+    benchmark, which set no launcher environment)."""
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def launch_command(script: str, args: list[str], ranks: int, launcher: str = "deepspeed") -> list[str]:
     """The command line that runs ``script args`` on ``ranks`` local ranks: ``deepspeed`` or ``torchrun``
     from this interpreter's environment (a plain ``python`` for one rank), rendezvous on 127.0.0.1."""
