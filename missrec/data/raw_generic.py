@@ -84,6 +84,15 @@ def _columns(path: Path, header: list[str], needed: tuple[str, ...]) -> list[int
     return [header.index(c) for c in needed]
 
 
+def _shape_error(fields: list[str] | None, header: list[str]) -> str | None:
+    """Why a CSV row cannot be read as a row of ``header`` (bad UTF-8, wrong field count), or None."""
+    if fields is None:
+        return "not valid UTF-8"
+    if len(fields) != len(header):
+        return f"expected {len(header)} fields ({', '.join(header)}), got {len(fields)}"
+    return None
+
+
 def read_interactions_table(path: str | Path, skip_malformed: bool = False, progress: bool = True
                             ) -> tuple[InteractionBuilder, dict]:
     """Stream an interactions table into an :class:`InteractionBuilder`: ``(builder, stats)``.
@@ -99,12 +108,8 @@ def read_interactions_table(path: str | Path, skip_malformed: bool = False, prog
     cols = _columns(path, header, INTERACTION_COLUMNS)
     for lineno, fields in rows:
         stats["rows"] += 1
-        err = None
-        if fields is None:
-            err = "not valid UTF-8"
-        elif len(fields) != len(header):
-            err = f"expected {len(header)} fields ({','.join(header)}), got {len(fields)}"
-        else:
+        err = _shape_error(fields, header)
+        if err is None:
             user, item, ts = (fields[c].strip() for c in cols)
             try:
                 t = float(ts)
@@ -141,12 +146,8 @@ def read_item_table(path: str | Path, skip_malformed: bool = False, progress: bo
     img_col = header.index("image") if "image" in header else None
     for lineno, fields in rows:
         stats["rows"] += 1
-        err = None
-        if fields is None:
-            err = "not valid UTF-8"
-        elif len(fields) != len(header):
-            err = f"expected {len(header)} fields ({', '.join(header)}), got {len(fields)}"
-        else:
+        err = _shape_error(fields, header)
+        if err is None:
             raw = fields[cols[0]].strip()
             try:
                 check_raw_id(raw, "item_id")
