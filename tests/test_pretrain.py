@@ -201,7 +201,7 @@ def _assert_same_training(ref: Path, run: Path) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_reaches_the_same_parameters(catalogue, zero2_run, tmp_path):
     from missrec.train.checkpoint import latest_tag
-    from missrec.train.pretrain import FAULT_ENV
+    from missrec.train.faults import FAULT_ENV
 
     data = [catalogue["Kitchen"], catalogue["Garden"]]
     run = tmp_path / "killed"
@@ -227,7 +227,7 @@ def test_checkpoint_write_fault_keeps_the_previous_checkpoint(catalogue, zero2_r
     is never marked complete, the previous one is the one resumed from, and training ends as if nothing
     had happened."""
     from missrec.train.checkpoint import COMPLETE, complete_tags
-    from missrec.train.pretrain import SAVE_FAULT_ENV
+    from missrec.train.faults import SAVE_FAULT_ENV
 
     data = [catalogue["Kitchen"], catalogue["Garden"]]
     run = tmp_path / mode
@@ -274,7 +274,7 @@ def test_pretrained_backbone_beats_scratch_on_a_held_out_domain(catalogue, zero2
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["skip", "error"])
 def test_nonfinite_loss_on_one_rank_is_skipped_and_counted_or_stops_naming_it(catalogue, tmp_path, policy):
-    from missrec.train.pretrain import NAN_FAULT_ENV
+    from missrec.train.faults import NAN_FAULT_ENV
 
     data = [catalogue["Kitchen"], catalogue["Garden"]]
     run = tmp_path / policy

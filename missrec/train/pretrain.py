@@ -14,8 +14,6 @@ Launched by ``launcher/pretrain.py``; see ``cluster_configs/README.md`` for mult
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from tqdm import tqdm
 from missrec.config import PretrainConfig, to_dict
 from missrec.data.multi import MultiDomainData
 from missrec.errors import ConfigError
-from missrec.train import checkpoint
+from missrec.train import checkpoint, faults
 from missrec.train.dist import (
     all_gather_nograd,
     all_reduce_mean,
@@ -42,44 +40,8 @@ from missrec.train.trace import SampleTrace
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "MISSREC_FAULT_SIGKILL_STEP"  # test hook: "STEP[:RANK]" kills that rank before that global step
-# test hook: "STEP:RANK:diskfull|die" limits that rank's file size (RLIMIT_FSIZE, 4 KiB) just before the
-# checkpoint save after global step STEP: "diskfull" makes the checkpoint's writes fail with an OSError,
-# as a full disk does; "die" lets the kernel kill the rank (SIGXFSZ) in the middle of writing it
-SAVE_FAULT_ENV = "MISSREC_FAULT_SAVE"
-NAN_FAULT_ENV = "MISSREC_FAULT_NAN_STEP"  # test hook: "STEP[:RANK]" makes that rank's loss NaN at that step
-
-
 def _step_seed(seed: int, global_step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, global_step, rank]).generate_state(1)[0])
-
-
-def _maybe_fault(global_step: int, rank: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return
-    step, _, who = spec.partition(":")
-    if int(step) == global_step and int(who or 0) == rank:
-        log.warning("fault injection: SIGKILL on rank %d before global step %d", rank, global_step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _maybe_save_fault(global_step: int, rank: int) -> None:
-    spec = os.environ.get(SAVE_FAULT_ENV, "")
-    if not spec:
-        return
-    step, who, mode = spec.split(":")
-    if int(step) != global_step or int(who) != rank:
-        return
-    import resource
-
-    log.warning("fault injection: %s while rank %d writes the checkpoint of global step %d", mode, rank, global_step)
-    if mode not in ("diskfull", "die"):
-        raise ValueError(f"{SAVE_FAULT_ENV}: mode must be diskfull or die, got {mode!r}")
-    # Python starts with SIGXFSZ ignored (writes past the limit fail with EFBIG); "die" restores the
-    # kernel's default action, which kills the process in the middle of the write
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN if mode == "diskfull" else signal.SIG_DFL)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def _discover() -> Any:
@@ -175,15 +137,14 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             batch = data.batch(dom, rows)
             trace.step(epoch, global_step, step, dom, rows)
             timers["data"] += time.perf_counter() - t_data
-            _maybe_fault(global_step, w.rank)
+            faults.maybe_kill(global_step, w.rank)
             t0 = time.perf_counter()
             torch.manual_seed(_step_seed(cfg.seed, global_step, w.rank))
             gen = torch.Generator().manual_seed(_step_seed(cfg.seed + 1, global_step, w.rank))
             out = engine(batch, objective="pretrain", drop_prob=cfg.drop_prob, seq_seq_weight=cfg.seq_seq_weight,
                          generator=gen, gather=gather_with_grad, keys=(batch.target, batch.user))
             loss = out["loss"]
-            if os.environ.get(NAN_FAULT_ENV) in (str(global_step), f"{global_step}:{w.rank}"):
-                loss = loss * float("nan")
+            loss = faults.maybe_nan(loss, global_step, w.rank)
             flags = all_gather_nograd(torch.isfinite(loss.detach()).reshape(1).float()).reshape(-1)  # [world]
             bad = (flags == 0).nonzero().reshape(-1).tolist()  # ranks whose loss is NaN/inf
             if bad:
@@ -213,7 +174,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}", epoch=epoch)
             if cfg.checkpoint_every > 0 and global_step % cfg.checkpoint_every == 0 and step + 1 < steps:
-                _maybe_save_fault(global_step, w.rank)
+                faults.maybe_limit_writes(global_step, w.rank)
                 t0 = time.perf_counter()
                 checkpoint.save(engine, rz, global_step, client_state(epoch, step + 1), cfg.keep_checkpoints)
                 timers["checkpoint"] += time.perf_counter() - t0
@@ -223,7 +184,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         log.info("epoch %d: %s", epoch, {k: round(v / n, 5) for k, v in sums.items()})
         epoch, start_step = epoch + 1, 0
         t0 = time.perf_counter()
-        _maybe_save_fault(global_step, w.rank)
+        faults.maybe_limit_writes(global_step, w.rank)
         checkpoint.save(engine, rz, global_step, client_state(epoch, 0), cfg.keep_checkpoints)
         timers["checkpoint"] += time.perf_counter() - t0
     bar.close()
