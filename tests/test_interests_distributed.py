@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch.multiprocessing as mp
 from missrec.bench.mid import adjusted_rand_index, clustered_tokens
 from missrec.interests import InterestConfig, discover_interests
 from missrec.interests.dpc_knn import as_token_matrix
-from missrec.train.dist import free_port, init_loopback_gloo
+from missrec.train.dist import child_threads, free_port, init_loopback_gloo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -118,17 +117,8 @@ def _save(out: Path, name: str, rank: int, res) -> None:
 
 
 def run_ranks(tmp: Path, world: int, splits: tuple[float, ...], cases: list[str]) -> Path:
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with child_threads(1):
         mp.spawn(_worker, args=(world, free_port(), str(tmp), splits, cases), nprocs=world, join=True)
-    finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
     return tmp
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from missrec.bench.mid import adjusted_rand_index
-from missrec.train.dist import free_port, init_loopback_gloo
+from missrec.train.dist import child_threads, free_port, init_loopback_gloo
 
 logger = logging.getLogger(__name__)
 
@@ -154,56 +154,47 @@ def run_mid_dist_benchmark(
     import torch.multiprocessing as mp
 
     cfg = dict(cluster_ratio=float(clusters_ratio), knn=knn, seed=int(seed), **config)
-    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    try:
-        with tempfile.TemporaryDirectory(prefix="mid_dist_") as tmp:
-            job = {
-                "tokens": int(tokens),
-                "dim": int(dim),
-                "seed": int(seed),
-                "cfg": cfg,
-                "threads": int(threads),
-                "chunk_rows": int(chunk_rows),
-                "out": tmp,
-            }
+    with child_threads(threads), tempfile.TemporaryDirectory(prefix="mid_dist_") as tmp:
+        job = {
+            "tokens": int(tokens),
+            "dim": int(dim),
+            "seed": int(seed),
+            "cfg": cfg,
+            "threads": int(threads),
+            "chunk_rows": int(chunk_rows),
+            "out": tmp,
+        }
+        t0 = time.perf_counter()
+        mp.spawn(_rank_main, args=(world_size, free_port(), job), nprocs=world_size, join=True)
+        dist_wall = time.perf_counter() - t0
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
+        with np.load(Path(tmp) / "rank0.npz") as z:
+            labels, centres = z["labels"], z["centres"]
+        _, planted = shard_tokens(int(tokens), int(dim), 0, int(tokens), int(seed))
+        out: dict[str, Any] = {
+            "tokens": int(tokens),
+            "dim": int(dim),
+            "world_size": int(world_size),
+            "threads_per_process": int(threads),
+            "config": cfg,
+            "clusters": int(centres.shape[0]),
+            "distributed": {
+                "seconds_wall_max": max(r["seconds_wall"] for r in ranks),
+                "seconds_with_spawn": dist_wall,
+                "ranks": ranks,
+                "ari_vs_planted": adjusted_rand_index(labels, planted),
+            },
+        }
+        if single:
             t0 = time.perf_counter()
-            mp.spawn(_rank_main, args=(world_size, free_port(), job), nprocs=world_size, join=True)
-            dist_wall = time.perf_counter() - t0
-            ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
-            with np.load(Path(tmp) / "rank0.npz") as z:
-                labels, centres = z["labels"], z["centres"]
-            _, planted = shard_tokens(int(tokens), int(dim), 0, int(tokens), int(seed))
-            out: dict[str, Any] = {
-                "tokens": int(tokens),
-                "dim": int(dim),
-                "world_size": int(world_size),
-                "threads_per_process": int(threads),
-                "config": cfg,
-                "clusters": int(centres.shape[0]),
-                "distributed": {
-                    "seconds_wall_max": max(r["seconds_wall"] for r in ranks),
-                    "seconds_with_spawn": dist_wall,
-                    "ranks": ranks,
-                    "ari_vs_planted": adjusted_rand_index(labels, planted),
-                },
-            }
-            if single:
-                t0 = time.perf_counter()
-                mp.spawn(_single_main, args=(job,), nprocs=1, join=True)
-                one = json.loads((Path(tmp) / "single.json").read_text())
-                one["seconds_with_spawn"] = time.perf_counter() - t0
-                with np.load(Path(tmp) / "single.npz") as z:
-                    one["ari_vs_planted"] = adjusted_rand_index(z["labels"], planted)
-                    out["same_labels"] = bool(np.array_equal(z["labels"], labels))
-                    out["same_centres"] = bool(np.array_equal(z["centres"], centres))
-                    out["ari_dist_vs_single"] = adjusted_rand_index(z["labels"], labels)
-                out["single"] = one
-    finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
+            mp.spawn(_single_main, args=(job,), nprocs=1, join=True)
+            one = json.loads((Path(tmp) / "single.json").read_text())
+            one["seconds_with_spawn"] = time.perf_counter() - t0
+            with np.load(Path(tmp) / "single.npz") as z:
+                one["ari_vs_planted"] = adjusted_rand_index(z["labels"], planted)
+                out["same_labels"] = bool(np.array_equal(z["labels"], labels))
+                out["same_centres"] = bool(np.array_equal(z["centres"], centres))
+                out["ari_dist_vs_single"] = adjusted_rand_index(z["labels"], labels)
+            out["single"] = one
     logger.info("mid dist benchmark: %s", out)
     return out

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +61,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def child_threads(threads: int) -> Iterator[None]:
+    """Within the block, processes spawned from this one start with ``OMP_NUM_THREADS`` and
+    ``MKL_NUM_THREADS`` = ``threads``; the previous values come back after it."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(dict.fromkeys(keys, str(threads)))
+    try:
+        yield
+    finally:
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
 
 
 def init_loopback_gloo(rank: int, world_size: int, port: int, timeout_s: float) -> None:
