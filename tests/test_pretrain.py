@@ -42,10 +42,18 @@ def pretrain(out: Path, data: list[Path], ranks: int, sets: list[str], zero: str
     if resume:
         args.append("--resume")
     cmd = launch_command(str(REPO / "launcher" / "pretrain.py"), args, ranks, launcher)
+    before = _shm_buffers()
     proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600, check=False)
+    # DeepSpeed's CPU all-reduce buffers (69 MB per rank) must not outlive the run, killed or not
+    assert _shm_buffers() <= before, f"left in /dev/shm: {sorted(_shm_buffers() - before)}"
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _shm_buffers() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
 def export(run: Path) -> dict[str, torch.Tensor]:
