@@ -50,6 +50,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     grad_clip: float = 0.0  # 0 = off
+    # learning-rate decay on a validation plateau: x lr_decay after lr_decay_patience evaluations without
+    # a better NDCG@10 (1.0 = off, the official code's constant rate); never below lr_min
+    lr_decay: float = 1.0
+    lr_decay_patience: int = 2
+    lr_min: float = 1e-5
     nonfinite: str = "error"  # a NaN/inf loss: "error" stops naming the batch, "skip" skips and counts
     max_steps_per_epoch: int = 0  # 0 = whole epoch (a cap for smoke runs)
     eval_every: int = 1

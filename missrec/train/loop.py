@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from missrec.config import TrainConfig
 from missrec.data.batching import Batch
+from missrec.errors import ConfigError
 from missrec.eval.metrics import RankingMetrics
 from missrec.train.rank_zero import RankZero
 
@@ -118,6 +119,15 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer is None:
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if not 0.0 < cfg.lr_decay <= 1.0 or cfg.lr_decay_patience < 1:
+        raise ConfigError(f"train.lr_decay must be in (0, 1] and train.lr_decay_patience >= 1, got "
+                          f"{cfg.lr_decay} and {cfg.lr_decay_patience}")
+    plateau = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_decay_patience - 1,
+            threshold=0.0, min_lr=cfg.lr_min,
+        ) if cfg.lr_decay < 1.0 else None
+    )
     n_trainable = sum(p.numel() for p in params)
     log.info("training on %s: %d trainable parameters, batch %d", device, n_trainable, cfg.batch_size)
 
@@ -128,6 +138,7 @@ def fit(
     epoch = 0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
+        epoch_lr = optimizer.param_groups[0]["lr"]
         model.train()
         hook = getattr(model, "begin_epoch", None)
         if hook is not None:
@@ -184,12 +195,18 @@ def fit(
         valid = evaluate(model, eval_batches("valid"), device)
         eval_time += time.perf_counter() - t1
         out.scalars({f"valid/{k}": v for k, v in valid.items()}, epoch)
-        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, "train_s": epoch_train})
+        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, "train_s": epoch_train, "lr": epoch_lr})
         log.info(
             "epoch %d: loss %.4f, %.1fs (%.0f seq/s), valid %s",
             epoch, total / max(count, 1), epoch_train, seqs / epoch_train,
             " ".join(f"{k}={v:.4f}" for k, v in valid.items()),
         )
+        if plateau is not None:
+            lr_before = optimizer.param_groups[0]["lr"]
+            plateau.step(valid["ndcg@10"])
+            if optimizer.param_groups[0]["lr"] < lr_before:
+                log.info("epoch %d: no better validation NDCG@10 for %d evaluations: lr %.3g -> %.3g",
+                         epoch, cfg.lr_decay_patience, lr_before, optimizer.param_groups[0]["lr"])
         if valid["ndcg@10"] > best_score:
             best_score, best_epoch, best_valid = valid["ndcg@10"], epoch, valid
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
