@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from missrec.bench.mid import adjusted_rand_index, clustered_tokens
 from missrec.interests import InterestConfig, discover_interests
-from missrec.interests.dpc_knn import as_token_matrix
+from missrec.interests.config import as_token_matrix
 from missrec.train.dist import child_threads, free_port, init_loopback_gloo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -181,7 +181,7 @@ def run_mid_benchmark(
         "ari_vs_exact": None,
     }
     if method == "dpc_knn" and tokens <= exact_check_max:
-        from missrec.interests.dpc_knn import resolve_k
+        from missrec.interests.config import resolve_k
         from missrec.interests.reference import dpc_knn_exact
 
         t0 = time.perf_counter()

@@ -71,7 +71,7 @@ def mid_reference_run(tokens: int, dim: int, ratio: float, knn: float, seed: int
     alone, then the ARI of the FAISS DPC-KNN labels against it (run it in a fresh process)."""
     from missrec.bench.mid import _RssSampler, adjusted_rand_index, clustered_tokens
     from missrec.interests import InterestConfig, discover_interests
-    from missrec.interests.dpc_knn import resolve_k, resolve_num_clusters
+    from missrec.interests.config import resolve_k, resolve_num_clusters
     from missrec.interests.reference import dpc_knn_exact
 
     x, _ = clustered_tokens(tokens, dim, seed)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from missrec.interests.dpc_knn import (
+from missrec.interests.config import (
     ClusterResult,
     InterestConfig,
     as_token_matrix,
-    dpc_knn,
     resolve_k,
     resolve_num_clusters,
 )
+from missrec.interests.dpc_knn import dpc_knn
 from missrec.interests.index import InterestIndex, TokenPool, build_token_pool
 
 __all__ = [

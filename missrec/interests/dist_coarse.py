@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
+from missrec.interests.config import InterestConfig
 from missrec.interests.dist_comm import Comm
 from missrec.interests.dist_dense import cluster_sums
-from missrec.interests.dpc_knn import InterestConfig
 from missrec.interests.knn import DEFAULT_CHUNK, import_faiss, seeded_kmeans
 
 

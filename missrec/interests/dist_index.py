@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from missrec.interests.config import InterestConfig
 from missrec.interests.dist_coarse import train_global_centroids
 from missrec.interests.dist_comm import Comm
-from missrec.interests.dpc_knn import InterestConfig
 from missrec.interests.knn import DEFAULT_CHUNK, KnnSearcher, faiss_num_gpus, import_faiss
 
 

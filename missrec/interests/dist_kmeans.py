@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
+from missrec.interests.config import ClusterResult, InterestConfig
 from missrec.interests.dist_comm import Comm
 from missrec.interests.dist_dense import cluster_sums
-from missrec.interests.dpc_knn import ClusterResult, InterestConfig
 
 
 def _nearest(x: np.ndarray, cen: torch.Tensor, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:

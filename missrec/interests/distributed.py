@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from missrec.interests import discover_interests
+from missrec.interests.config import ClusterResult, InterestConfig, resolve_k, resolve_num_clusters
 from missrec.interests.dist_comm import Comm, is_distributed
 from missrec.interests.dist_dense import (
     assign_nearest_centre_distributed,
@@ -65,14 +66,10 @@ from missrec.interests.dist_dense import (
 from missrec.interests.dist_index import ShardSearcher
 from missrec.interests.dist_knn import NO_ID, ring_knn
 from missrec.interests.dpc_knn import (
-    ClusterResult,
-    InterestConfig,
     assign_by_parent,
     density_rank,
     dpc_result,
     first_denser,
-    resolve_k,
-    resolve_num_clusters,
     select_centres,
     settle_top,
 )

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from missrec.interests.dpc_knn import ClusterResult
+from missrec.interests.config import ClusterResult
 
 
 @dataclass

@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 
-from missrec.interests.dpc_knn import ClusterResult, InterestConfig, mean_centroids
+from missrec.interests.config import ClusterResult, InterestConfig
+from missrec.interests.dpc_knn import mean_centroids
 from missrec.interests.knn import DEFAULT_CHUNK, faiss_num_gpus, import_faiss
 
 logger = logging.getLogger(__name__)

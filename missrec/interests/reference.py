@@ -14,14 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from missrec.interests.config import ClusterResult, as_token_matrix, resolve_k
 from missrec.interests.dpc_knn import (
-    ClusterResult,
-    as_token_matrix,
     assign_by_parent,
     density_rank,
     mean_centroids,
     pair_d2,
-    resolve_k,
     select_centres,
     sort_neighbours,
 )
