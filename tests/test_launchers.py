@@ -29,6 +29,19 @@ def test_finetune_launcher_prints_metrics_json_last(synthetic_root, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["test"] == last["test"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["missrec"]["mode"] == "inductive" and cfg["missrec"]["hidden"] == 32
+    # the run scored again from its folder: the same test metrics, and any other cutoffs
+    proc = _run("launcher/evaluate.py", "--run", str(out), "--ks", "10,11,50")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k in last["test"]:
+        assert again[k] == pytest.approx(last["test"][k], abs=1e-9)
+    assert again["recall@10"] <= again["recall@11"] <= again["recall@50"]
+
+
+def test_evaluate_launcher_names_a_missing_run(tmp_path):
+    proc = _run("launcher/evaluate.py", "--run", str(tmp_path / "nowhere"))
+    assert proc.returncode != 0
+    assert "nowhere/config.json: not found" in proc.stderr
 
 
 def test_finetune_launcher_bad_input_names_file(tmp_path):

@@ -169,6 +169,9 @@ class MISSRec(nn.Module):
         key = prefix + "centroids"
         if key in state_dict and state_dict[key].shape != self.centroids.shape:
             self.centroids = torch.zeros_like(state_dict[key], device=self.centroids.device)
+        key = prefix + "fusion_factor"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved before it became [1]
+            state_dict[key] = state_dict[key].reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ interests

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from missrec.config import TrainConfig
 from missrec.data.batching import Batch
 from missrec.errors import ConfigError
-from missrec.eval.metrics import RankingMetrics
+from missrec.eval.metrics import DEFAULT_KS, RankingMetrics
 from missrec.train.rank_zero import RankZero
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
-    """Full-ranking Recall/NDCG@{10,50} of ``model`` over ``batches``."""
+def evaluate(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, ks: tuple[int, ...] = DEFAULT_KS
+) -> dict[str, float]:
+    """Full-ranking Recall/NDCG at each cutoff of ``ks`` (default 10, 50) of ``model`` over ``batches``."""
     was_training = model.training
     model.eval()
     hook = getattr(model, "begin_eval", None)
     if hook is not None:
         hook()
-    metrics = RankingMetrics()
+    metrics = RankingMetrics(ks)
     for batch in batches:
         batch = batch.to(device)
         metrics.update(model.full_scores(batch), batch.target)

@@ -1,0 +1,41 @@
+"""Score a finished fine-tuning run's best checkpoint again, at any cutoffs; prints the metrics JSON last.
+
+    python launcher/evaluate.py --run runs/mm-ind
+    python launcher/evaluate.py --run runs/mm-ind --ks 10,11,50,51 --split test --data-root ../shared/datasets/scientific_mm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from missrec.errors import ConfigError
+from missrec.transfer.rescore import rescore_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a fine-tuning run folder (config.json, best.pt)")
+    p.add_argument("--ks", default="10,50", help="comma-separated cutoffs (default 10,50)")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--data-root", default=None, help="the data folder, if not the one in the run's config")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    try:
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    except ValueError:
+        p.error(f"--ks must be comma-separated integers, got {args.ks!r}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        metrics = rescore_run(args.run, ks, args.split, args.data_root, args.device)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        sys.stderr.write(f"evaluate.py: error: {e}\n")
+        return 2
+    print(json.dumps({"run": args.run, "split": args.split, **metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
