@@ -2,8 +2,10 @@
 
 Every item is a candidate (only the padding column is excluded by construction: scores are over the
 ``num_items`` real items); items already in the history are *not* masked. With one target per row,
-Recall@k equals HIT@k. Ties are broken by item index (as a stable descending sort would), so a tie
-never favours the target.
+Recall@k equals HIT@k. Ties are broken by item index (as a stable descending sort would): an item
+with the target's score ranks ahead of it when its index is lower. Ties only arise between items
+whose scores are bit-identical, e.g. duplicate listings with the same features in a model without
+item IDs (57 of the 2,928 test targets of scientific_mm in inductive mode).
 """
 
 from __future__ import annotations
