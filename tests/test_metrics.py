@@ -35,8 +35,8 @@ def test_batched_metrics_match_naive_reference_with_ties():
             assert abs(got[key] - ref[key]) < 1e-9, (trial, key, got[key], ref[key])
 
 
-def test_tie_does_not_favour_target():
-    scores = torch.zeros(1, 100)
+def test_ties_are_broken_by_item_index():
+    scores = torch.zeros(1, 100)  # all tied: the target ranks at its own index
     ranks = target_ranks(scores, torch.tensor([99]))
     assert int(ranks[0]) == 99
     ranks = target_ranks(scores, torch.tensor([0]))
