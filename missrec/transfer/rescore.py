@@ -9,14 +9,10 @@ reports top-(k+1) as "@k" (docs/results.md).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from missrec.config import RunConfig, from_dict, merge
 from missrec.train.loop import evaluate, resolve_device
 
 log = logging.getLogger(__name__)
@@ -30,25 +26,15 @@ def rescore_run(
 ) -> dict[str, float]:
     """Recall/NDCG@``ks`` of ``run_dir``'s ``best.pt`` on ``split`` (full ranking, as in training).
 
-    ``data_root`` replaces the run's data folder (its config may hold a path relative to another
-    working directory)."""
-    from missrec.transfer.finetune import DomainData, build_model
+    The run is loaded as for serving (:func:`missrec.serve.loading.load_run`); ``data_root`` replaces the
+    run's data folder (its config may hold a path relative to another working directory)."""
+    from missrec.serve.loading import load_run
 
-    run = Path(run_dir)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"cutoffs must be positive integers, got {list(ks)}")
-    for name in ("config.json", "best.pt"):
-        if not (run / name).is_file():
-            raise FileNotFoundError(f"{run / name}: not found; is {run} a finished fine-tuning run folder?")
-    cfg = from_dict(RunConfig, json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
-    if data_root is not None:
-        cfg = merge(cfg, {"data": {"data_root": str(data_root)}})
-    data = DomainData(cfg)
-    model = build_model(cfg, data)
-    state = torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"]
-    model.load_state_dict(state)
     dev = resolve_device(device)
-    log.info("%s: best.pt on %s at %s", run, split, list(ks))
-    return evaluate(model.to(dev), data.eval_batches(split), dev, tuple(int(k) for k in ks))
+    run = load_run(run_dir, data_root, str(dev))
+    log.info("%s: best.pt (epoch %s) on %s at %s", run_dir, run.epoch, split, list(ks))
+    return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks))
