@@ -25,10 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from missrec.interests.config import (
-    ClusterResult,
-    InterestConfig,
-)
+from missrec.interests.config import ClusterResult, InterestConfig
 from missrec.interests.knn import KnnSearcher, _progress
 
 logger = logging.getLogger(__name__)

@@ -148,13 +148,11 @@ def release_shm_names(w: World) -> None:
     maps all of them before that call returns) and never removes it, so every CPU run, killed or not,
     used to leave ``ranks x 69 MB`` of RAM behind in /dev/shm. Unlinking the name keeps the mappings
     valid; the kernel frees the memory when the last rank exits, however it exits."""
+    barrier()  # every rank is past init: all buffers are mapped (on every rank, so no rank can hang here)
     path = shm_buffer_name(w.rank)
-    if not path.exists():
-        return
-    barrier()  # every rank is past init: all buffers are mapped
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError):  # none when the ranks span several hosts
         path.unlink()
-    log.debug("unlinked %s (still mapped until the ranks exit)", path)
+        log.debug("unlinked %s (still mapped until the ranks exit)", path)
 
 
 class _GatherWithGrad(torch.autograd.Function):
