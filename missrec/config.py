@@ -55,6 +55,9 @@ class TrainConfig:
     lr_decay: float = 1.0
     lr_decay_patience: int = 2
     lr_min: float = 1e-5
+    # validate, keep and test an exponential moving average of the weights (decay per step; 0 = off, the
+    # official code's last-step weights)
+    ema: float = 0.0
     nonfinite: str = "error"  # a NaN/inf loss: "error" stops naming the batch, "skip" skips and counts
     max_steps_per_epoch: int = 0  # 0 = whole epoch (a cap for smoke runs)
     eval_every: int = 1

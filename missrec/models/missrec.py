@@ -240,6 +240,11 @@ class MISSRec(nn.Module):
         """Called by the trainer before each epoch: MID on the current adapted tokens."""
         return self.refresh_interests()
 
+    def weights_changed(self) -> None:
+        """Called when weights were replaced in place (e.g. by an average of them, ``train.ema``): the
+        interest index is rebuilt from the new adapters."""
+        self.refresh_interests()
+
     def interest_index(self) -> InterestIndex:
         """The current interest index (item rows without the padding row)."""
         from missrec.interests.index import InterestIndex

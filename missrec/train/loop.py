@@ -6,6 +6,7 @@ callables that yield :class:`~missrec.data.batching.Batch` objects.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ from missrec.config import TrainConfig
 from missrec.data.batching import Batch
 from missrec.errors import ConfigError
 from missrec.eval.metrics import DEFAULT_KS, RankingMetrics
+from missrec.train.averaging import WeightAverage
 from missrec.train.rank_zero import RankZero
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,9 @@ def fit(
             threshold=0.0, min_lr=cfg.lr_min,
         ) if cfg.lr_decay < 1.0 else None
     )
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ConfigError(f"train.ema must be in [0, 1) (0 = off), got {cfg.ema}")
+    average = WeightAverage(params, cfg.ema) if cfg.ema > 0 else None
     n_trainable = sum(p.numel() for p in params)
     log.info("training on %s: %d trainable parameters, batch %d", device, n_trainable, cfg.batch_size)
 
@@ -175,6 +180,8 @@ def fit(
             else:
                 gnorm = None
             optimizer.step()
+            if average is not None:
+                average.update()
             global_step += 1
             total += float(loss.detach())
             count += 1
@@ -194,7 +201,10 @@ def fit(
         if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
             continue
         t1 = time.perf_counter()
-        valid = evaluate(model, eval_batches("valid"), device)
+        with average.swapped_in(model) if average is not None else contextlib.nullcontext():
+            valid = evaluate(model, eval_batches("valid"), device)
+            if valid["ndcg@10"] > best_score:  # the weights that were validated: averaged ones with train.ema
+                candidate = {k: v.detach().clone() for k, v in model.state_dict().items()}
         eval_time += time.perf_counter() - t1
         out.scalars({f"valid/{k}": v for k, v in valid.items()}, epoch)
         history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, "train_s": epoch_train, "lr": epoch_lr})
@@ -211,7 +221,7 @@ def fit(
                          epoch, cfg.lr_decay_patience, lr_before, optimizer.param_groups[0]["lr"])
         if valid["ndcg@10"] > best_score:
             best_score, best_epoch, best_valid = valid["ndcg@10"], epoch, valid
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = candidate
             bad_epochs = 0
             out.save("best.pt", {"model": best_state, "epoch": epoch, "valid": valid})
         else:
