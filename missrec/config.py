@@ -101,9 +101,12 @@ class MISSRecConfig:
     fusion: str = "dynamic"  # dynamic | mean
     final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has)
     # interest regulariser: mean (of the real interests' outputs, over the batch) | official (the official
-    # code's scale: padded outputs included, times the real fraction, summed over the batch)
+    # code's: every slot's output summed, padded ones and its padding-id slot included, times the real
+    # fraction, summed over the batch)
     interest_reg: str = "mean"
     adapter_init: str = "normal"  # normal (N(0, 0.02), zero bias) | torch (torch's default, as the official code)
+    # the official code scores the padding row (its tokens: the adapters' biases) as one more negative in training
+    pad_negative: bool = False
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
 

@@ -39,7 +39,7 @@ def missrec_from_config(
         attn_dropout=m.attn_dropout, adapter=m.adapter, moe_experts=m.moe_experts,
         use_ids=m.mode == "transductive", temperature=m.temperature, fusion=m.fusion,
         interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
-        interest_reg=m.interest_reg, adapter_init=m.adapter_init,
+        interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,
     )
 
 

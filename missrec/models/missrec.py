@@ -20,7 +20,12 @@ Differences from the official code (gimpong/MM23-MISSRec), on purpose:
 
 - a missing modality is masked in the sequence sum and in the fusion (the official code adds the
   adapter's bias vector for a zero feature row and scores it like any other);
-- distinct interests of a batch are computed vectorised, not with a Python loop over rows.
+- distinct interests of a batch are computed vectorised, not with a Python loop over rows;
+- the interest regulariser averages each row's real interest outputs (the official one sums every slot,
+  padded ones too: ``interest_reg="official"``); the padding row is no candidate (``pad_negative``).
+
+With ``final_norm``, ``interest_reg="official"``, ``pad_negative`` and ``adapter_init="torch"``, the
+forward pass and the fine-tuning loss are the official code's (tests/test_official_parity.py).
 
 Usage::
 
@@ -75,6 +80,7 @@ class MISSRec(nn.Module):
         final_norm: bool = False,
         interest_reg: str = "mean",
         adapter_init: str = "normal",
+        pad_negative: bool = False,
     ) -> None:
         super().__init__()
         if not features:
@@ -84,6 +90,7 @@ class MISSRec(nn.Module):
         if interest_reg not in ("mean", "official"):
             raise ValueError(f"interest_reg must be 'mean' or 'official', got {interest_reg!r}")
         self.interest_reg = interest_reg
+        self.pad_negative = pad_negative
         self.num_items = num_items
         self.num_modalities = len(features)
         self.hidden = hidden
@@ -273,7 +280,14 @@ class MISSRec(nn.Module):
         x = self.drop(self.norm(x))
 
         ids, imask = self.interest_index().sequence_interests(seq)  # [B, K], -1 where padded
-        interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype)  # [B, K, D], no gradient
+        if self.interest_reg == "official":  # its list holds the padding id too: one more slot where a row has padding
+            has_pad = batch.seq_len < self.pos_emb.num_embeddings  # [B] (it pads every history to max_len)
+            extra = int((imask.sum(1) + has_pad).max()) - ids.shape[1]
+            if extra > 0:
+                ids = F.pad(ids, (0, extra), value=-1)
+                imask = F.pad(imask, (0, extra), value=False)
+        # padded slots are zero vectors (masked everywhere; only the official regulariser sums their outputs)
+        interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype) * imask.unsqueeze(-1)  # [B, K, D]
         memory = self.encoder(interest, src_key_padding_mask=~imask)  # [B, K, D]
         w = imask.unsqueeze(-1).to(memory.dtype)  # [B, K, 1]
         if self.interest_reg == "official":  # padded outputs included, x real fraction, summed over the batch
@@ -325,7 +339,13 @@ class MISSRec(nn.Module):
         """Fine-tuning: full-softmax cross-entropy over all items + the interest regulariser."""
         tokens = self.item_tokens()
         user, reg = self.encode(batch, tokens)
-        ce = F.cross_entropy(self.score(user, tokens), batch.target)
+        if self.pad_negative:  # the official code's extra negative: row 0, a zero feature row through the adapters
+            present = self.present.clone()
+            present[0] = True
+            idw = self.item_id.weight if self.item_id is not None else None
+            ce = F.cross_entropy(self.fuse(user, tokens, present, idw), batch.target + 1)
+        else:
+            ce = F.cross_entropy(self.score(user, tokens), batch.target)
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
     def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
