@@ -8,16 +8,21 @@
   code drew the text and image drops independently).
 - :func:`offset_contrastive` — the InfoNCE of this rank's rows against candidates gathered from every
   rank (:func:`local_offset` says where this rank's rows sit among them).
+- :func:`pretrain_objective` — MISSRec's pre-training loss, built from the above.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from missrec.data.batching import Batch
+
+if TYPE_CHECKING:
+    from missrec.models.missrec import MISSRec
 
 
 def in_batch_contrastive(logits: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,3 +80,39 @@ def offset_contrastive(
     same = keys.view(-1, 1) == all_keys.view(1, -1)  # [B, W * B]
     same[torch.arange(b, device=logits.device), pos] = False
     return F.cross_entropy(logits.masked_fill(same, float("-inf")), pos)
+
+
+def pretrain_objective(
+    model: MISSRec, batch: Batch, drop_prob: float = 0.2, seq_seq_weight: float = 0.1,
+    generator: torch.Generator | None = None, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pre-training: in-batch sequence-item contrastive loss (rows with the same target are not
+    negatives of each other) + ``seq_seq_weight`` x sequence-sequence contrastive loss between the
+    batch and an item-drop view + the interest regulariser on both views.
+
+    Only the items the batch touches are adapted. ``gather`` (e.g. an all-gather across ranks that
+    keeps gradients, [n, ...] -> [world * n, ...]) widens the negatives to the global batch; the
+    local rows are then rows ``offset .. offset + B`` of the gathered batch. ``keys`` = (target
+    keys, user keys) [B] that identify the same item / user across domains (default: the batch's
+    target and user)."""
+    gather = gather or (lambda t: t)
+    view_batch = drop_items(batch, drop_prob, generator)
+    tokens, _, lut = model.subset_tokens(torch.cat([batch.seq.reshape(-1), batch.target + 1]))
+    user, reg = model.encode(batch, tokens, lut)  # [B, D]
+    view, reg_view = model.encode(view_batch, tokens, lut)  # [B, D]
+    item_key, user_key = keys if keys is not None else (batch.target, batch.user)
+    rows = lut[batch.target + 1]  # [B]
+    cand = gather(tokens[:, rows].transpose(0, 1).contiguous())  # [W * B, M, D]
+    present = gather(model.present[batch.target + 1].to(torch.uint8)).bool()  # [W * B, M]
+    idw = gather(model.item_id(batch.target + 1)) if model.item_id is not None else None
+    all_items, all_users, all_views = gather(item_key), gather(user_key), gather(view)
+    b = batch.seq.shape[0]
+    offset = local_offset(all_items.shape[0], b)
+    seq_item = offset_contrastive(model.fuse(user, cand.transpose(0, 1), present, idw), offset,
+                                   item_key, all_items, in_batch_contrastive)
+    seq_seq = offset_contrastive(user @ all_views.T / model.temperature, offset, user_key, all_users,
+                                  in_batch_contrastive)
+    reg_total = reg + reg_view
+    loss = seq_item + seq_seq_weight * seq_seq + model.interest_weight * reg_total
+    return {"loss": loss, "seq_item": seq_item, "seq_seq": seq_seq, "interest_reg": reg_total}

@@ -363,37 +363,10 @@ class MISSRec(nn.Module):
         generator: torch.Generator | None = None, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         keys: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Pre-training: in-batch sequence-item contrastive loss (rows with the same target are not
-        negatives of each other) + ``seq_seq_weight`` x sequence-sequence contrastive loss between the
-        batch and an item-drop view + the interest regulariser on both views.
+        """Pre-training loss terms: :func:`missrec.models.losses.pretrain_objective` (its arguments)."""
+        from missrec.models.losses import pretrain_objective
 
-        Only the items the batch touches are adapted. ``gather`` (e.g. an all-gather across ranks that
-        keeps gradients, [n, ...] -> [world * n, ...]) widens the negatives to the global batch; the
-        local rows are then rows ``offset .. offset + B`` of the gathered batch. ``keys`` = (target
-        keys, user keys) [B] that identify the same item / user across domains (default: the batch's
-        target and user)."""
-        from missrec.models.losses import drop_items, in_batch_contrastive, local_offset, offset_contrastive
-
-        gather = gather or (lambda t: t)
-        view_batch = drop_items(batch, drop_prob, generator)
-        tokens, _, lut = self.subset_tokens(torch.cat([batch.seq.reshape(-1), batch.target + 1]))
-        user, reg = self.encode(batch, tokens, lut)  # [B, D]
-        view, reg_view = self.encode(view_batch, tokens, lut)  # [B, D]
-        item_key, user_key = keys if keys is not None else (batch.target, batch.user)
-        rows = lut[batch.target + 1]  # [B]
-        cand = gather(tokens[:, rows].transpose(0, 1).contiguous())  # [W * B, M, D]
-        present = gather(self.present[batch.target + 1].to(torch.uint8)).bool()  # [W * B, M]
-        idw = gather(self.item_id(batch.target + 1)) if self.item_id is not None else None
-        all_items, all_users, all_views = gather(item_key), gather(user_key), gather(view)
-        b = batch.seq.shape[0]
-        offset = local_offset(all_items.shape[0], b)
-        seq_item = offset_contrastive(self.fuse(user, cand.transpose(0, 1), present, idw), offset,
-                                       item_key, all_items, in_batch_contrastive)
-        seq_seq = offset_contrastive(user @ all_views.T / self.temperature, offset, user_key, all_users,
-                                      in_batch_contrastive)
-        reg_total = reg + reg_view
-        loss = seq_item + seq_seq_weight * seq_seq + self.interest_weight * reg_total
-        return {"loss": loss, "seq_item": seq_item, "seq_seq": seq_seq, "interest_reg": reg_total}
+        return pretrain_objective(self, batch, drop_prob, seq_seq_weight, generator, gather, keys)
 
     def forward(self, batch: Batch, objective: str = "pretrain", **kwargs: object) -> dict[str, torch.Tensor]:
         """The loss terms of ``objective`` (``pretrain`` or ``finetune``); engines (DeepSpeed ZeRO-3)
