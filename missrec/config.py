@@ -104,10 +104,19 @@ class MISSRecConfig:
     # code's: every slot's output summed, padded ones and its padding-id slot included, times the real
     # fraction, summed over the batch)
     interest_reg: str = "mean"
-    adapter_init: str = "normal"  # normal (N(0, 0.02), zero bias) | torch (torch's default, as the official code)
-    # the official code scores the padding row (its tokens: the adapters' biases) as one more negative in training
-    pad_negative: bool = False
+    adapter_init: str = "torch"  # torch (torch's default, non-zero bias, as the official code) | normal (N(0, 0.02), zero bias)
+    # in training, score the padding row (a zero feature row through the linear adapters: their biases) as one
+    # more negative, as the official code does; it raised R@50 on all 6 scientific_mm seeds (docs/results.md)
+    pad_negative: bool = True
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
+
+    def __post_init__(self) -> None:
+        if self.pad_negative and (self.adapter != "linear" or self.adapter_init != "torch"):
+            raise ConfigError(
+                "missrec.pad_negative scores the linear adapters' non-zero biases: it needs missrec.adapter=linear "
+                f"and missrec.adapter_init=torch (got {self.adapter} and {self.adapter_init}); "
+                "add --set missrec.pad_negative=false"
+            )
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,13 @@ def test_bad_file_named(tmp_path):
 
 def test_parse_overrides_nested():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize("override", ["missrec.adapter=moe", "missrec.adapter_init=normal"])
+def test_pad_negative_needs_linear_adapters_with_a_bias(override):
+    # the padding row's tokens are the adapters' biases: zero for the MoE adapter and the normal init,
+    # where normalising them would give 1/eps gradients
+    with pytest.raises(ConfigError, match="missrec.pad_negative=false"):
+        build(RunConfig, [], [override])
+    cfg = build(RunConfig, [], [override, "missrec.pad_negative=false"])
+    assert not cfg.missrec.pad_negative

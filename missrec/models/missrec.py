@@ -22,7 +22,10 @@ Differences from the official code (gimpong/MM23-MISSRec), on purpose:
   adapter's bias vector for a zero feature row and scores it like any other);
 - distinct interests of a batch are computed vectorised, not with a Python loop over rows;
 - the interest regulariser averages each row's real interest outputs (the official one sums every slot,
-  padded ones too: ``interest_reg="official"``); the padding row is no candidate (``pad_negative``).
+  padded ones too: ``interest_reg="official"``).
+
+``pad_negative`` (the toolkit's default, as the official code) scores the padding row, whose tokens are
+the linear adapters' biases, as one more negative in training.
 
 With ``final_norm``, ``interest_reg="official"``, ``pad_negative`` and ``adapter_init="torch"``, the
 forward pass and the fine-tuning loss are the official code's (tests/test_official_parity.py).
@@ -89,6 +92,10 @@ class MISSRec(nn.Module):
             raise ValueError(f"fusion must be 'dynamic' or 'mean', got {fusion!r}")
         if interest_reg not in ("mean", "official"):
             raise ValueError(f"interest_reg must be 'mean' or 'official', got {interest_reg!r}")
+        if pad_negative and (adapter != "linear" or adapter_init != "torch"):
+            raise ValueError("pad_negative scores the linear adapters' (non-zero) biases: it needs adapter='linear' "
+                             f"and adapter_init='torch', got {adapter!r} and {adapter_init!r}; set pad_negative "
+                             "off (missrec.pad_negative=false)")
         self.interest_reg = interest_reg
         self.pad_negative = pad_negative
         self.num_items = num_items
