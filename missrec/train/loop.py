@@ -203,8 +203,9 @@ def fit(
         t1 = time.perf_counter()
         with average.swapped_in(model) if average is not None else contextlib.nullcontext():
             valid = evaluate(model, eval_batches("valid"), device)
-            if valid["ndcg@10"] > best_score:  # the weights that were validated: averaged ones with train.ema
-                candidate = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            improved = valid["ndcg@10"] > best_score
+            if improved:  # keep the weights that were validated: the averaged ones with train.ema
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         eval_time += time.perf_counter() - t1
         out.scalars({f"valid/{k}": v for k, v in valid.items()}, epoch)
         history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, "train_s": epoch_train, "lr": epoch_lr})
@@ -219,9 +220,8 @@ def fit(
             if optimizer.param_groups[0]["lr"] < lr_before:
                 log.info("epoch %d: no better validation NDCG@10 for %d evaluations: lr %.3g -> %.3g",
                          epoch, cfg.lr_decay_patience, lr_before, optimizer.param_groups[0]["lr"])
-        if valid["ndcg@10"] > best_score:
+        if improved:
             best_score, best_epoch, best_valid = valid["ndcg@10"], epoch, valid
-            best_state = candidate
             bad_epochs = 0
             out.save("best.pt", {"model": best_state, "epoch": epoch, "valid": valid})
         else:
