@@ -4,6 +4,7 @@
     python launcher/bench.py mid --tokens 100000 --dim 300
     python launcher/bench.py extract --items 3000
     python launcher/bench.py pretrain --ranks 1,2 --steps 40
+    python launcher/bench.py passes --data-root ../shared/datasets/scientific_mm --domain Scientific
     python launcher/bench.py report [--quick] [--skip mid,pretrain]   # all of them -> docs/benchmarks.md
 """
 
@@ -66,6 +67,19 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
                                   workdir=args.workdir, sets=tuple(args.overrides))
 
 
+def cmd_passes(args: argparse.Namespace) -> dict:
+    import torch
+
+    from missrec.bench.length_passes import run_length_pass_benchmark
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return run_length_pass_benchmark(
+        args.data_root, args.domain, tuple(f for f in args.features.split(",") if f), mode=args.mode,
+        steps=args.steps, overheads=(-1, *(int(o) for o in args.overheads.split(",") if o)),
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> dict:
     from missrec.bench.report import ReportConfig, render_saved, run_report
     from missrec.errors import ConfigError
@@ -121,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--workdir", default=None)
     pt.add_argument("--set", action="append", default=[], dest="overrides", help="pre-training config override")
     pt.set_defaults(fn=cmd_pretrain)
+    ps = sub.add_parser("passes", help="MISSRec steps on shuffled batches: one padded pass vs length-group passes")
+    ps.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/scientific_mm"))
+    ps.add_argument("--domain", default="Scientific")
+    ps.add_argument("--features", default="feat1CLS,feat3CLS")
+    ps.add_argument("--mode", choices=["inductive", "transductive"], default="inductive")
+    ps.add_argument("--steps", type=int, default=6, help="batches to time (after one warm-up batch)")
+    ps.add_argument("--overheads", default="32,128,512,2048",
+                    help="length-group overheads (positions) to time against one padded pass per batch")
+    ps.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
+    ps.set_defaults(fn=cmd_passes)
     repo = Path(__file__).resolve().parents[1]
     rp = sub.add_parser("report", help="run every benchmark; Markdown report with PNG plots and machine details")
     rp.add_argument("--output", default=str(repo / "docs" / "benchmarks.md"),

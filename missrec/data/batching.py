@@ -46,6 +46,40 @@ class Batch:
             return self
         return Batch(self.seq[:, :longest], self.seq_len, self.target, self.user, self.domain)
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The batch of rows ``rows`` [b] (indices into this batch), in that order."""
+        return Batch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def length_groups(seq_len: torch.Tensor, overhead: int, min_saving: float = 0.5) -> list[torch.Tensor]:
+    """Split a batch's rows into groups of similar history length, for one forward pass each.
+
+    A group costs (its rows x its longest history) positions plus ``overhead`` positions (the fixed cost of
+    one more pass); the split minimises the total over contiguous ranges of length (an exact dynamic
+    programme over the distinct lengths). It is used only when it saves at least ``min_saving`` of one
+    pass's cost, so batches already grouped by length (``data.group_by_length``) keep their single pass and
+    their exact random stream. ``seq_len`` [B] -> row indices [b_g] per group, shortest histories first;
+    ``[arange(B)]`` for one pass, always when ``overhead < 0``.
+    """
+    n = int(seq_len.shape[0])
+    whole = [torch.arange(n, device=seq_len.device)]
+    if overhead < 0 or n == 0:
+        return whole
+    lengths = seq_len.detach().cpu()
+    values, counts = torch.unique(lengths, return_counts=True)  # ascending
+    v, c = values.tolist(), [0] + counts.cumsum(0).tolist()  # c[j]: rows with one of the j shortest lengths
+    best, cut = [0] * (len(v) + 1), [0] * (len(v) + 1)
+    for j in range(1, len(v) + 1):
+        best[j], cut[j] = min((best[i] + (c[j] - c[i]) * v[j - 1] + overhead, i) for i in range(j))
+    if cut[len(v)] == 0 or best[len(v)] > (1.0 - min_saving) * (n * v[-1] + overhead):
+        return whole
+    bounds, j = [], len(v)
+    while j > 0:
+        bounds.append((c[cut[j]], c[j]))
+        j = cut[j]
+    order = torch.argsort(lengths, stable=True).to(seq_len.device)
+    return [order[lo:hi] for lo, hi in reversed(bounds)]
+
 
 def collate(
     rows: Sequence[tuple[int, Sequence[int] | np.ndarray, int]],
