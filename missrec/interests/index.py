@@ -8,6 +8,7 @@ clustering and get interest -1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,32 @@ def build_token_pool(
     flat = torch.nonzero(present, as_tuple=False).squeeze(1)  # [T]
     pool = t.reshape(m * i, d)[flat].contiguous()  # [T, D]
     return TokenPool(tokens=pool, flat=flat, num_items=i, num_modalities=m)
+
+
+def item_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous item range [lo, hi) that ``rank`` of ``world_size`` adapts in distributed MID."""
+    per = -(-num_items // world_size)
+    return min(rank * per, num_items), min((rank + 1) * per, num_items)
+
+
+def item_interests_from_labels(
+    labels: torch.Tensor, present: torch.Tensor, slices: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """Interest id per (item, modality) [N, M] (-1: missing) from the cluster ``labels`` [T] of a pool made of
+    the item ranges ``slices`` in order, each pooled as :func:`build_token_pool` does; ``present`` [N, M]."""
+    n, m = present.shape
+    out = torch.full((n, m), -1, dtype=torch.long)
+    start = 0
+    for lo, hi in slices:  # each slice's labels back to its items
+        mask = present[lo:hi]  # [n_r, M]
+        count = int(mask.sum())
+        part = torch.full((m, hi - lo), -1, dtype=torch.long)
+        part[mask.T] = labels[start : start + count]
+        out[lo:hi] = part.T
+        start += count
+    if start != labels.numel():
+        raise RuntimeError(f"MID returned {labels.numel()} labels for {start} tokens")
+    return out
 
 
 class InterestIndex:

@@ -206,7 +206,7 @@ class MISSRec(nn.Module):
         (e.g. :func:`missrec.interests.distributed.discover_interests_distributed`) clusters the pool
         made of every rank's slice in rank order; every rank ends with the same index."""
         from missrec.interests import InterestConfig, discover_interests
-        from missrec.interests.index import build_token_pool
+        from missrec.interests.index import build_token_pool, item_interests_from_labels, item_slice
 
         t0 = time.perf_counter()
         was_training = self.training
@@ -218,18 +218,8 @@ class MISSRec(nn.Module):
         cfg = self.interest_cfg if self.interest_cfg is not None else InterestConfig()
         result = (discover or discover_interests)(pool.tokens.numpy(), cfg)
         labels = torch.as_tensor(np.asarray(result.labels), dtype=torch.long)  # [T] over all slices
-        item_interest = torch.full((self.num_items, self.num_modalities), -1, dtype=torch.long)
-        start = 0
-        for r in range(world_size):  # each slice's labels back to its items
-            rlo, rhi = item_slice(self.num_items, r, world_size)
-            mask = self.present[1 + rlo : 1 + rhi].cpu()  # [n_r, M]
-            count = int(mask.sum())
-            part = torch.full((self.num_modalities, rhi - rlo), -1, dtype=torch.long)
-            part[mask.T] = labels[start : start + count]
-            item_interest[rlo:rhi] = part.T
-            start += count
-        if start != labels.numel():
-            raise RuntimeError(f"MID returned {labels.numel()} labels for {start} tokens")
+        slices = [item_slice(self.num_items, r, world_size) for r in range(world_size)]
+        item_interest = item_interests_from_labels(labels, self.present[1:].cpu(), slices)  # [N, M]
         dev = self.item_interest.device
         self.item_interest = torch.cat(
             [torch.full((1, self.num_modalities), -1, dtype=torch.long), item_interest]
@@ -429,9 +419,3 @@ class MISSRec(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad_(name not in frozen)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def item_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous item range [lo, hi) that ``rank`` of ``world_size`` adapts in distributed MID."""
-    per = -(-num_items // world_size)
-    return min(rank * per, num_items), min((rank + 1) * per, num_items)
