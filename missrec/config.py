@@ -108,6 +108,9 @@ class MISSRecConfig:
     # in training, score the padding row (a zero feature row through the linear adapters: their biases) as one
     # more negative, as the official code does; it raised R@50 on all 6 scientific_mm seeds (docs/results.md)
     pad_negative: bool = True
+    # a batch of mixed history lengths runs as passes over rows of similar length when that halves the cost;
+    # the cost of one more pass in padded positions (None: 128 on CPU, 4096 on GPU; -1: always one pass)
+    length_group_overhead: int | None = None
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from missrec.config import RunConfig, build
 from missrec.data.batching import collate, length_groups
 from missrec.interests import InterestConfig
+from missrec.models.build import missrec_from_config
 from missrec.models.missrec import MISSRec
 
 
@@ -97,3 +99,12 @@ def test_grouped_passes_equal_one_padded_pass(interest_reg: str, use_ids: bool, 
     assert g0.keys() == g1.keys() and g0
     for name in g1:
         torch.testing.assert_close(g0[name], g1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("value", [-1, 64, None])
+def test_overhead_is_a_config_setting(value: int | None) -> None:
+    sets = [] if value is None else [f"missrec.length_group_overhead={value}"]
+    cfg = build(RunConfig, overrides=sets).missrec
+    feats = [np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)]
+    model = missrec_from_config(cfg, 10, feats, max_len=8, seed=0)
+    assert cfg.length_group_overhead == value and model.length_group_overhead == value

@@ -66,5 +66,5 @@ def run_length_pass_benchmark(
     return {
         "domain": domain, "mode": mode, "batch_size": batch_size, "steps": steps, "threads": torch.get_num_threads(),
         "mean_history": round(float(lengths.mean()), 2), "longest_history": int(lengths.max()),
-        "padded_positions_one_pass": batch_size * cfg.data.max_len, "settings": rows,
+        "untrimmed_positions": batch_size * cfg.data.max_len, "settings": rows,
     }

@@ -57,8 +57,9 @@ def length_groups(seq_len: torch.Tensor, overhead: int, min_saving: float = 0.5)
     A group costs (its rows x its longest history) positions plus ``overhead`` positions (the fixed cost of
     one more pass); the split minimises the total over contiguous ranges of length (an exact dynamic
     programme over the distinct lengths). It is used only when it saves at least ``min_saving`` of one
-    pass's cost, so batches already grouped by length (``data.group_by_length``) keep their single pass and
-    their exact random stream. ``seq_len`` [B] -> row indices [b_g] per group, shortest histories first;
+    pass's cost, so batches already grouped by length (``data.group_by_length``) keep their single pass (and
+    their random stream) as a rule: all 22 training batches of Scientific do; a batch at the long end of a
+    sorting window may still split. ``seq_len`` [B] -> row indices [b_g] per group, shortest histories first;
     ``[arange(B)]`` for one pass, always when ``overhead < 0``.
     """
     n = int(seq_len.shape[0])
