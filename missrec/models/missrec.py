@@ -272,11 +272,16 @@ class MISSRec(nn.Module):
         if overhead is None:  # a pass costs ~128 positions on a CPU thread; ~4096 guessed for a GPU (launch-bound)
             overhead = 128 if batch.seq.device.type == "cpu" else 4096
         groups = length_groups(batch.seq_len, overhead)
+        ids, imask = self._interests(batch)  # [B, K], once for the whole batch
         if len(groups) == 1:
-            return self._encode(batch, tokens, lut)
-        # the official regulariser sums padded interest slots too: every group keeps the batch's width
-        slots = self._interests(batch)[0].shape[1] if self.interest_reg == "official" else 0
-        parts = [self._encode(batch.select(g), tokens, lut, slots) for g in groups]
+            return self._encode(batch, tokens, lut, ids, imask)
+        parts = []
+        for g in groups:
+            gi, gm = ids[g], imask[g]  # [b, K]
+            if self.interest_reg != "official":  # the official one sums padded slots too: it keeps the batch's K
+                k = max(int(gm.sum(1).max()), 1)  # real ids are left-aligned
+                gi, gm = gi[:, :k], gm[:, :k]
+            parts.append(self._encode(batch.select(g), tokens, lut, gi, gm))
         user = torch.cat([u for u, _ in parts])[torch.argsort(torch.cat(groups))]  # [B, D] in batch order
         if self.interest_reg == "official":  # a sum over rows
             return user, torch.stack([r for _, r in parts]).sum()
@@ -294,9 +299,9 @@ class MISSRec(nn.Module):
         return ids, imask
 
     def _encode(
-        self, batch: Batch, tokens: torch.Tensor, lut: torch.Tensor | None = None, slots: int = 0
+        self, batch: Batch, tokens: torch.Tensor, lut: torch.Tensor | None, ids: torch.Tensor, imask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode` in one pass; ``slots``: the least width of the interest list."""
+        """:meth:`encode` in one pass, given the rows' interest ``ids`` and ``imask`` [B, K] (:meth:`_interests`)."""
         batch = batch.trimmed()
         seq = batch.seq  # [B, L]
         length = seq.shape[1]
@@ -310,10 +315,6 @@ class MISSRec(nn.Module):
         x = x + self.pos_emb(torch.arange(length, device=seq.device))[None]
         x = self.drop(self.norm(x))
 
-        ids, imask = self._interests(batch)  # [B, K]
-        if slots > ids.shape[1]:
-            ids = F.pad(ids, (0, slots - ids.shape[1]), value=-1)
-            imask = F.pad(imask, (0, slots - imask.shape[1]), value=False)
         # padded slots are zero vectors (masked everywhere; only the official regulariser sums their outputs)
         interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype) * imask.unsqueeze(-1)  # [B, K, D]
         memory = self.encoder(interest, src_key_padding_mask=~imask)  # [B, K, D]
