@@ -2,6 +2,7 @@
 
     python launcher/evaluate.py --run runs/mm-ind
     python launcher/evaluate.py --run runs/mm-ind --ks 10,11,50,51 --split test --data-root ../shared/datasets/scientific_mm
+    python launcher/evaluate.py --run runs/mm-ind --ties expected > runs/mm-ind/test_expected.json
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--data-root", default=None, help="the data folder, if not the one in the run's config")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--ties", choices=["index", "expected"], default="index",
+                   help="tied scores: index (lower item index first, as in training) | expected (random order)")
     args = p.parse_args(argv)
     try:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -29,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ks must be comma-separated integers, got {args.ks!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        metrics = rescore_run(args.run, ks, args.split, args.data_root, args.device)
+        metrics = rescore_run(args.run, ks, args.split, args.data_root, args.device, args.ties)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.stderr.write(f"evaluate.py: error: {e}\n")
         return 2
-    print(json.dumps({"run": args.run, "split": args.split, **metrics}))
+    print(json.dumps({"run": args.run, "split": args.split, "ties": args.ties, **metrics}))
     return 0
 
 

@@ -36,6 +36,13 @@ def test_finetune_launcher_prints_metrics_json_last(synthetic_root, tmp_path):
     for k in last["test"]:
         assert again[k] == pytest.approx(last["test"][k], abs=1e-9)
     assert again["recall@10"] <= again["recall@11"] <= again["recall@50"]
+    # random features give no exact ties: the expected-rank rule agrees with the index rule
+    proc = _run("launcher/evaluate.py", "--run", str(out), "--ties", "expected")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert expected["ties"] == "expected"
+    for k in last["test"]:
+        assert expected[k] == pytest.approx(last["test"][k], abs=1e-9)
 
 
 def test_evaluate_launcher_names_a_missing_run(tmp_path):

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from missrec.eval.metrics import RankingMetrics, target_ranks
@@ -47,3 +48,58 @@ def test_history_items_not_masked():
     # the best-scored item is in the history; it still counts above the target
     scores = torch.tensor([[5.0, 1.0, 3.0]])
     assert int(target_ranks(scores, torch.tensor([2]))[0]) == 1
+
+
+def expected_by_permutations(scores: np.ndarray, target: np.ndarray, ks=(10, 50)) -> dict[str, float]:
+    """Average of the index rule over every order of each target's tied items (brute force)."""
+    out = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    for s, t in zip(scores, target):
+        higher = int((s > s[t]).sum())
+        tied = int((s == s[t]).sum())  # the target included
+        for slot in range(tied):  # the target's position among its tied block, each equally likely
+            rank = higher + slot
+            for k in ks:
+                if rank < k:
+                    out[f"recall@{k}"] += 1 / tied
+                    out[f"ndcg@{k}"] += 1 / math.log2(rank + 2) / tied
+    return {k: v / len(target) for k, v in out.items()}
+
+
+def test_expected_tie_rule_matches_brute_force():
+    rng = np.random.default_rng(1)
+    for trial in range(4):
+        b, n = 41, 90
+        scores = rng.integers(0, 4 if trial % 2 else 40, size=(b, n)).astype(np.float32)
+        target = rng.integers(0, n, size=b)
+        ref = expected_by_permutations(scores, target, ks=(1, 10, 50))
+        m = RankingMetrics(ks=(1, 10, 50), ties="expected")
+        for s in range(0, b, 16):
+            m.update(torch.from_numpy(scores[s : s + 16]), torch.from_numpy(target[s : s + 16]))
+        got = m.compute()
+        for key in ref:
+            assert abs(got[key] - ref[key]) < 1e-9, (trial, key, got[key], ref[key])
+
+
+def test_expected_tie_rule_equals_index_rule_without_ties():
+    rng = np.random.default_rng(2)
+    scores = torch.from_numpy(rng.standard_normal((64, 200)).astype(np.float32))  # no exact ties
+    target = torch.from_numpy(rng.integers(0, 200, size=64))
+    a, b = RankingMetrics(), RankingMetrics(ties="expected")
+    a.update(scores, target)
+    b.update(scores, target)
+    assert a.compute() == pytest.approx(b.compute(), abs=1e-12)
+
+
+def test_expected_tie_rule_splits_a_tie_across_the_cutoff():
+    # 9 items above, the target tied with 1 other: rank 9 or 10, equally likely -> half a hit at k = 10
+    scores = torch.tensor([[2.0] * 9 + [1.0, 1.0] + [0.0] * 5])
+    m = RankingMetrics(ks=(10,), ties="expected")
+    m.update(scores, torch.tensor([10]))
+    got = m.compute()
+    assert got["recall@10"] == pytest.approx(0.5)
+    assert got["ndcg@10"] == pytest.approx(0.5 / math.log2(11))
+
+
+def test_unknown_tie_rule_is_refused():
+    with pytest.raises(ValueError, match="ties must be one of"):
+        RankingMetrics(ties="random")

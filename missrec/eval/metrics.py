@@ -6,6 +6,11 @@ Recall@k equals HIT@k. Ties are broken by item index (as a stable descending sor
 with the target's score ranks ahead of it when its index is lower. Ties only arise between items
 whose scores are bit-identical, e.g. duplicate listings with the same features in a model without
 item IDs (57 of the 2,928 test targets of scientific_mm in inductive mode).
+
+``ties="expected"`` instead scores each target by its expectation over a uniformly random order of the
+items tied with it (McSherry & Najork, ECIR 2008): with ``h`` items scored higher and ``t`` others tied,
+the target is equally likely at every rank ``h .. h + t``. This rule needs no item order, so figures of
+two codes (or an official checkpoint's dumped ranks) compare exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_KS = (10, 50)
+TIE_RULES = ("index", "expected")
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -30,21 +36,53 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return higher + ties_before
 
 
+def higher_and_ties(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores`` [B, N], ``target`` [B] -> ([B] items scored strictly higher, [B] other items tied)."""
+    tgt = scores.gather(1, target.view(-1, 1))  # [B, 1]
+    return (scores > tgt).sum(dim=1), (scores == tgt).sum(dim=1) - 1
+
+
+def expected_at_k(higher: torch.Tensor, ties: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected hit@k and NDCG@k [B] of targets at a uniformly random rank in ``higher .. higher + ties``.
+
+    ``higher``, ``ties``: [B] int64 (:func:`higher_and_ties`)."""
+    h = higher.double()
+    n = ties.double() + 1.0  # ranks the target can take
+    hit = ((h + n).clamp(max=k) - h.clamp(max=k)) / n  # share of those ranks below k
+    # discount sum over ranks [a, b) below k: cumulative 1/log2(r + 2) table of the first k ranks
+    disc = torch.cat([torch.zeros(1, dtype=torch.float64, device=h.device),
+                      torch.cumsum(1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=h.device) + 2), 0)])
+    lo = higher.clamp(max=k)
+    hi = (higher + ties + 1).clamp(max=k)
+    return hit, (disc[hi] - disc[lo]) / n
+
+
 @dataclass
 class RankingMetrics:
     """Accumulates Recall@k and NDCG@k over batches."""
 
     ks: tuple[int, ...] = DEFAULT_KS
+    ties: str = "index"  # index | expected (see the module docstring)
     _sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
 
+    def __post_init__(self) -> None:
+        if self.ties not in TIE_RULES:
+            raise ValueError(f"ties must be one of {TIE_RULES}, got {self.ties!r}")
+
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``scores`` [B, N], ``target`` [B]."""
-        ranks = target_ranks(scores.float(), target).double()  # [B]
+        if self.ties == "expected":
+            higher, ties = higher_and_ties(scores.float(), target)  # [B], [B]
+        else:
+            ranks = target_ranks(scores.float(), target).double()  # [B]
         for k in self.ks:
-            hit = (ranks < k).double()
+            if self.ties == "expected":
+                hit, ndcg = expected_at_k(higher, ties, k)
+            else:
+                hit = (ranks < k).double()
+                ndcg = hit / torch.log2(ranks + 2.0)
             self._sums[f"recall@{k}"] = self._sums.get(f"recall@{k}", 0.0) + float(hit.sum())
-            ndcg = hit / torch.log2(ranks + 2.0)
             self._sums[f"ndcg@{k}"] = self._sums.get(f"ndcg@{k}", 0.0) + float(ndcg.sum())
         self.count += int(target.shape[0])
 

@@ -85,15 +85,17 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[Batch], device: torch.device, ks: tuple[int, ...] = DEFAULT_KS
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, ks: tuple[int, ...] = DEFAULT_KS,
+    ties: str = "index",
 ) -> dict[str, float]:
-    """Full-ranking Recall/NDCG at each cutoff of ``ks`` (default 10, 50) of ``model`` over ``batches``."""
+    """Full-ranking Recall/NDCG at each cutoff of ``ks`` (default 10, 50) of ``model`` over ``batches``;
+    ``ties``: how tied scores rank (:class:`missrec.eval.metrics.RankingMetrics`)."""
     was_training = model.training
     model.eval()
     hook = getattr(model, "begin_eval", None)
     if hook is not None:
         hook()
-    metrics = RankingMetrics(ks)
+    metrics = RankingMetrics(ks, ties)
     for batch in batches:
         batch = batch.to(device)
         metrics.update(model.full_scores(batch), batch.target)

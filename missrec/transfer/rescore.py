@@ -4,7 +4,8 @@ its epoch) on a split, at any cutoffs, from the run's own ``config.json``.
     python launcher/evaluate.py --run runs/mm-ind --ks 10,50 --split test
 
 Useful to compare with figures computed at other cutoffs, e.g. the official MISSRec evaluator, which
-reports top-(k+1) as "@k" (docs/results.md).
+reports top-(k+1) as "@k" (docs/results.md). ``--ties expected`` scores tied items by their expected rank,
+which needs no item order and so compares exactly with another code's dumped ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from missrec.eval.metrics import TIE_RULES
 from missrec.train.loop import evaluate, resolve_device
 
 log = logging.getLogger(__name__)
@@ -22,9 +24,10 @@ SPLITS = ("valid", "test")
 
 def rescore_run(
     run_dir: str | Path, ks: Sequence[int] = (10, 50), split: str = "test", data_root: str | None = None,
-    device: str = "auto",
+    device: str = "auto", ties: str = "index",
 ) -> dict[str, float]:
-    """Recall/NDCG@``ks`` of ``run_dir``'s ``best.pt`` on ``split`` (full ranking, as in training).
+    """Recall/NDCG@``ks`` of ``run_dir``'s ``best.pt`` on ``split`` (full ranking, as in training; ``ties``:
+    ``index`` as in training, or ``expected`` over a random order of tied items, :mod:`missrec.eval.metrics`).
 
     The run is loaded as for serving (:func:`missrec.serve.loading.load_run`); ``data_root`` replaces the
     run's data folder (its config may hold a path relative to another working directory)."""
@@ -34,7 +37,9 @@ def rescore_run(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"cutoffs must be positive integers, got {list(ks)}")
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
     dev = resolve_device(device)
     run = load_run(run_dir, data_root, str(dev))
-    log.info("%s: best.pt (epoch %s) on %s at %s", run_dir, run.epoch, split, list(ks))
-    return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks))
+    log.info("%s: best.pt (epoch %s) on %s at %s, ties %s", run_dir, run.epoch, split, list(ks), ties)
+    return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks), ties)
