@@ -1,0 +1,189 @@
+"""Two groups of runs compared over seeds: mean, spread and Welch's t-test for each metric.
+
+    python launcher/compare.py --runs runs/ind-s2020 runs/ind-s1 runs/ind-s2 \\
+        --baseline docs/benchmarks/official_inductive.json
+
+One test split scores a model trained with one seed; the next seed can move R@50 by more than the
+difference between two codes (docs/results.md). A claim that one code beats another therefore needs
+several seeds of each, and a test of the difference of their means against its standard error.
+
+A *source* is a run folder (its ``metrics.json``), a JSON file with one run's metrics (a
+``metrics.json``, or the last line of ``launcher/evaluate.py``), or a JSON file ``{"runs": [...]}``
+listing several (each a flat metric dict or one with a ``test`` / ``valid`` entry).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One metric of group ``a`` against group ``b``: ``diff`` = mean(a) - mean(b); ``se`` its standard
+    error; Welch's ``t``, its degrees of freedom ``df`` and the two-sided ``p`` (``None`` when a group has
+    fewer than 2 runs or neither varies)."""
+
+    n_a: int
+    mean_a: float
+    sd_a: float | None
+    n_b: int
+    mean_b: float
+    sd_b: float | None
+    diff: float
+    se: float | None
+    t: float | None
+    df: float | None
+    p: float | None
+
+
+def _metric_dicts(obj: object, split: str, where: str) -> list[dict[str, float]]:
+    entries = obj["runs"] if isinstance(obj, Mapping) and "runs" in obj else [obj]
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: 'runs' must be a non-empty list")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, Mapping):
+            raise ValueError(f"{where}: run {i} is not a JSON object")  # noqa: TRY004 (bad file content)
+        m = e.get(split, e)
+        vals = {k: m[k] for k in METRICS if k in m}
+        if not vals:
+            raise ValueError(f"{where}: run {i} has none of {list(METRICS)} (under {split!r} or at the top)")
+        for k, v in vals.items():
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{where}: run {i}: {k} is not a finite number: {v!r}")
+        out.append({k: float(v) for k, v in vals.items()})
+    return out
+
+
+def load_metrics(source: str | Path, split: str = "test") -> list[dict[str, float]]:
+    """The runs' metric dicts (``recall@10`` ...) of one source (see the module docstring)."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "metrics.json"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (a run folder needs its metrics.json)") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        # launcher output saved whole: its last line is the JSON
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        try:
+            obj = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {len(lines)}: not JSON ({e.msg})") from None
+        if obj is None:
+            raise ValueError(f"{path}: empty file") from None
+    return _metric_dicts(obj, split, str(path))
+
+
+def load_group(sources: Iterable[str | Path], split: str = "test") -> list[dict[str, float]]:
+    """Every run of every source, in order."""
+    runs = [m for s in sources for m in load_metrics(s, split)]
+    if not runs:
+        raise ValueError("a group needs at least one run")
+    return runs
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def _mean_sd(x: Sequence[float]) -> tuple[float, float | None]:
+    mean = sum(x) / len(x)
+    if len(x) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1))
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> Comparison:
+    """Welch's unequal-variance t-test of mean(a) - mean(b)."""
+    if not a or not b:
+        raise ValueError("both groups need at least one value")
+    (ma, sa), (mb, sb) = _mean_sd(a), _mean_sd(b)
+    se = t = df = p = None
+    if sa is not None and sb is not None:
+        va, vb = sa * sa / len(a), sb * sb / len(b)
+        if va + vb > 0:
+            se = math.sqrt(va + vb)
+            t = (ma - mb) / se
+            df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+            p = t_two_sided_p(t, df)
+    return Comparison(len(a), ma, sa, len(b), mb, sb, ma - mb, se, t, df, p)
+
+
+def compare_groups(
+    a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], metrics: Sequence[str] = METRICS
+) -> dict[str, Comparison]:
+    """Per metric, group ``a``'s runs against group ``b``'s (metrics missing from any run are refused)."""
+    out = {}
+    for k in metrics:
+        for name, g in (("first", a), ("second", b)):
+            missing = [i for i, m in enumerate(g) if k not in m]
+            if missing:
+                raise ValueError(f"{k} is missing from run(s) {missing} of the {name} group")
+        out[k] = welch([m[k] for m in a], [m[k] for m in b])
+    return out
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def render_comparison(results: Mapping[str, Comparison], labels: tuple[str, str] = ("ours", "baseline")) -> str:
+    """A Markdown table: one row per metric, means ± sd of both groups, the difference, its se, t and p."""
+    la, lb = labels
+    lines = [f"| metric | {la} | {lb} | difference | se | t | df | p (two-sided) |", "|---" * 8 + "|"]
+    for k, c in results.items():
+        lines.append(
+            f"| {k} | {c.mean_a:.4f} ± {_fmt(c.sd_a, '.4f')} (n={c.n_a}) | {c.mean_b:.4f} ± {_fmt(c.sd_b, '.4f')} "
+            f"(n={c.n_b}) | {c.diff:+.4f} | {_fmt(c.se, '.4f')} | {_fmt(c.t, '+.2f')} | {_fmt(c.df, '.1f')} | "
+            f"{_fmt(c.p, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_json(results: Mapping[str, Comparison]) -> dict[str, dict[str, float | int | None]]:
+    return {k: asdict(c) for k, c in results.items()}
