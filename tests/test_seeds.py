@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from missrec.eval.seeds import betainc, compare_groups, load_group, load_metrics, t_two_sided_p, welch
+from missrec.eval.seeds import (
+    betainc,
+    compare_groups,
+    load_group,
+    load_metrics,
+    t_quantile_two_sided,
+    t_two_sided_p,
+    welch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +55,19 @@ def test_welch_by_hand():
     assert c.df == pytest.approx((va + vb) ** 2 / (va**2 / 3 + vb**2 / 2))
     assert c.p == pytest.approx(t_two_sided_p(c.t, c.df))
     assert 0.1 < c.p < 0.5
+    # the 95 % interval is diff ± t(0.975, df) se, and it contains 0 exactly when p > 0.05
+    half = t_quantile_two_sided(0.05, c.df) * c.se
+    assert (c.ci_low, c.ci_high) == pytest.approx((c.diff - half, c.diff + half))
+    assert c.ci_low < 0 < c.ci_high
+
+
+def test_t_quantile_inverts_the_p_value():
+    assert t_quantile_two_sided(0.05, 10) == pytest.approx(2.228139, abs=1e-5)
+    assert t_quantile_two_sided(0.05, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)
+    for p, df in [(0.01, 3.7), (0.5, 2), (0.2, 40)]:
+        assert t_two_sided_p(t_quantile_two_sided(p, df), df) == pytest.approx(p, rel=1e-9)
+    with pytest.raises(ValueError, match="p must be in"):
+        t_quantile_two_sided(1.5, 3)
 
 
 def test_welch_without_spread_gives_no_test():
@@ -105,7 +126,7 @@ def test_compare_launcher(tmp_path):
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     r = last["metrics"]["recall@50"]
     assert r["n_a"] == 4 and r["n_b"] == 3 and r["diff"] == pytest.approx(0.3375 - 0.321)
-    assert r["p"] < 0.01
+    assert r["p"] < 0.01 and 0 < r["ci_low"] < r["diff"] < r["ci_high"]
     proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", str(tmp_path / "x"), "--baseline", b],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "compare.py: error:" in proc.stderr and "metrics.json" in proc.stderr

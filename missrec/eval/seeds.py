@@ -26,8 +26,8 @@ METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 @dataclass(frozen=True)
 class Comparison:
     """One metric of group ``a`` against group ``b``: ``diff`` = mean(a) - mean(b); ``se`` its standard
-    error; Welch's ``t``, its degrees of freedom ``df`` and the two-sided ``p`` (``None`` when a group has
-    fewer than 2 runs or neither varies)."""
+    error; Welch's ``t``, its degrees of freedom ``df``, the two-sided ``p`` and the 95 % confidence interval
+    ``ci_low`` .. ``ci_high`` of ``diff`` (``None`` when a group has fewer than 2 runs or neither varies)."""
 
     n_a: int
     mean_a: float
@@ -40,6 +40,8 @@ class Comparison:
     t: float | None
     df: float | None
     p: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
 
 
 def _metric_dicts(obj: object, split: str, where: str) -> list[dict[str, float]]:
@@ -131,6 +133,19 @@ def t_two_sided_p(t: float, df: float) -> float:
     return betainc(df / 2.0, 0.5, df / (df + t * t))
 
 
+def t_quantile_two_sided(p: float, df: float) -> float:
+    """The ``t`` >= 0 with ``P(|T| >= t) = p`` (e.g. p = 0.05: the 97.5 % point), by bisection."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > p else (lo, mid)
+    return (lo + hi) / 2.0
+
+
 def _mean_sd(x: Sequence[float]) -> tuple[float, float | None]:
     mean = sum(x) / len(x)
     if len(x) < 2:
@@ -143,7 +158,7 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Comparison:
     if not a or not b:
         raise ValueError("both groups need at least one value")
     (ma, sa), (mb, sb) = _mean_sd(a), _mean_sd(b)
-    se = t = df = p = None
+    se = t = df = p = lo = hi = None
     if sa is not None and sb is not None:
         va, vb = sa * sa / len(a), sb * sb / len(b)
         if va + vb > 0:
@@ -151,7 +166,9 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Comparison:
             t = (ma - mb) / se
             df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
             p = t_two_sided_p(t, df)
-    return Comparison(len(a), ma, sa, len(b), mb, sb, ma - mb, se, t, df, p)
+            half = t_quantile_two_sided(0.05, df) * se
+            lo, hi = ma - mb - half, ma - mb + half
+    return Comparison(len(a), ma, sa, len(b), mb, sb, ma - mb, se, t, df, p, lo, hi)
 
 
 def compare_groups(
@@ -172,14 +189,19 @@ def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+def _interval(c: Comparison) -> str:
+    return "" if c.ci_low is None else f"{c.ci_low:+.4f} .. {c.ci_high:+.4f}"
+
+
 def render_comparison(results: Mapping[str, Comparison], labels: tuple[str, str] = ("ours", "baseline")) -> str:
-    """A Markdown table: one row per metric, means ± sd of both groups, the difference, its se, t and p."""
+    """A Markdown table: one row per metric, means ± sd of both groups, the difference with its 95 %
+    interval, its se, t, df and p."""
     la, lb = labels
-    lines = [f"| metric | {la} | {lb} | difference | se | t | df | p (two-sided) |", "|---" * 8 + "|"]
+    lines = [f"| metric | {la} | {lb} | difference | 95 % interval | se | t | df | p (two-sided) |", "|---" * 9 + "|"]
     for k, c in results.items():
         lines.append(
             f"| {k} | {c.mean_a:.4f} ± {_fmt(c.sd_a, '.4f')} (n={c.n_a}) | {c.mean_b:.4f} ± {_fmt(c.sd_b, '.4f')} "
-            f"(n={c.n_b}) | {c.diff:+.4f} | {_fmt(c.se, '.4f')} | {_fmt(c.t, '+.2f')} | {_fmt(c.df, '.1f')} | "
+            f"(n={c.n_b}) | {c.diff:+.4f} | {_interval(c)} | {_fmt(c.se, '.4f')} | {_fmt(c.t, '+.2f')} | {_fmt(c.df, '.1f')} | "
             f"{_fmt(c.p, '.2f')} |"
         )
     return "\n".join(lines)
