@@ -20,22 +20,6 @@ def naive_metrics(scores: np.ndarray, target: np.ndarray, ks=(10, 50)) -> dict[s
     return {k: v / len(target) for k, v in out.items()}
 
 
-def test_batched_metrics_match_naive_reference_with_ties():
-    rng = np.random.default_rng(0)
-    for trial in range(5):
-        b, n = 37, 120
-        # few distinct values -> many ties, including with the target
-        scores = rng.integers(0, 6 if trial % 2 else 1000, size=(b, n)).astype(np.float32)
-        target = rng.integers(0, n, size=b)
-        ref = naive_metrics(scores, target)
-        m = RankingMetrics()
-        for s in range(0, b, 10):  # several batches
-            m.update(torch.from_numpy(scores[s : s + 10]), torch.from_numpy(target[s : s + 10]))
-        got = m.compute()
-        for key in ref:
-            assert abs(got[key] - ref[key]) < 1e-9, (trial, key, got[key], ref[key])
-
-
 def test_ties_are_broken_by_item_index():
     scores = torch.zeros(1, 100)  # all tied: the target ranks at its own index
     ranks = target_ranks(scores, torch.tensor([99]))
@@ -65,19 +49,22 @@ def expected_by_permutations(scores: np.ndarray, target: np.ndarray, ks=(10, 50)
     return {k: v / len(target) for k, v in out.items()}
 
 
-def test_expected_tie_rule_matches_brute_force():
-    rng = np.random.default_rng(1)
-    for trial in range(4):
-        b, n = 41, 90
-        scores = rng.integers(0, 4 if trial % 2 else 40, size=(b, n)).astype(np.float32)
+@pytest.mark.parametrize(("ties", "reference"), [("index", naive_metrics), ("expected", expected_by_permutations)])
+def test_batched_metrics_match_brute_force_with_ties(ties, reference):
+    rng = np.random.default_rng(0)
+    ks = (1, 10, 50)
+    for trial in range(5):
+        b, n = 37, 120
+        # few distinct values -> many ties, including with the target
+        scores = rng.integers(0, 6 if trial % 2 else 200, size=(b, n)).astype(np.float32)
         target = rng.integers(0, n, size=b)
-        ref = expected_by_permutations(scores, target, ks=(1, 10, 50))
-        m = RankingMetrics(ks=(1, 10, 50), ties="expected")
-        for s in range(0, b, 16):
-            m.update(torch.from_numpy(scores[s : s + 16]), torch.from_numpy(target[s : s + 16]))
+        ref = reference(scores, target, ks)
+        m = RankingMetrics(ks, ties)
+        for s in range(0, b, 10):  # several batches
+            m.update(torch.from_numpy(scores[s : s + 10]), torch.from_numpy(target[s : s + 10]))
         got = m.compute()
         for key in ref:
-            assert abs(got[key] - ref[key]) < 1e-9, (trial, key, got[key], ref[key])
+            assert abs(got[key] - ref[key]) < 1e-9, (ties, trial, key, got[key], ref[key])
 
 
 def test_expected_tie_rule_equals_index_rule_without_ties():
