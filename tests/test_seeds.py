@@ -96,9 +96,19 @@ def test_bad_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_metrics(tmp_path / "nowhere")
     bad = tmp_path / "bad.json"
-    bad.write_text('{"runs": [{"recall@10": 0.1}]}\n{not json\n')
-    with pytest.raises(ValueError, match=r"bad.json: line 2"):
+    bad.write_text('{"runs": [{"recall@10": 0.1}]}\n\n{not json\n\n')
+    with pytest.raises(ValueError, match=r"bad.json: line 3: not JSON"):
         load_metrics(bad)
+    (tmp_path / "empty.json").write_text("\n \n")
+    with pytest.raises(ValueError, match="empty.json: empty file"):
+        load_metrics(tmp_path / "empty.json")
+    flag = tmp_path / "flag.json"
+    flag.write_text('{"runs": [{"test": {"recall@10": true}}, {"test": 3}]}')
+    with pytest.raises(ValueError, match=r"flag.json: run 0: recall@10 is not a finite number: True"):
+        load_metrics(flag)
+    flag.write_text('{"runs": [{"test": 3}]}')
+    with pytest.raises(ValueError, match=r"flag.json: run 0: 'test' is not a JSON object"):
+        load_metrics(flag)
     nan = tmp_path / "nan.json"
     nan.write_text('{"runs": [{"recall@10": NaN}]}')
     with pytest.raises(ValueError, match=r"nan.json: run 0: recall@10 is not a finite number"):

@@ -53,11 +53,13 @@ def _metric_dicts(obj: object, split: str, where: str) -> list[dict[str, float]]
         if not isinstance(e, Mapping):
             raise ValueError(f"{where}: run {i} is not a JSON object")  # noqa: TRY004 (bad file content)
         m = e.get(split, e)
+        if not isinstance(m, Mapping):
+            raise ValueError(f"{where}: run {i}: {split!r} is not a JSON object")  # noqa: TRY004 (bad file content)
         vals = {k: m[k] for k in METRICS if k in m}
         if not vals:
             raise ValueError(f"{where}: run {i} has none of {list(METRICS)} (under {split!r} or at the top)")
         for k, v in vals.items():
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{where}: run {i}: {k} is not a finite number: {v!r}")
         out.append({k: float(v) for k, v in vals.items()})
     return out
@@ -76,13 +78,14 @@ def load_metrics(source: str | Path, split: str = "test") -> list[dict[str, floa
         obj = json.loads(text)
     except json.JSONDecodeError:
         # launcher output saved whole: its last line is the JSON
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        try:
-            obj = json.loads(lines[-1]) if lines else None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {len(lines)}: not JSON ({e.msg})") from None
-        if obj is None:
+        numbered = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        if not numbered:
             raise ValueError(f"{path}: empty file") from None
+        n, last = numbered[-1]
+        try:
+            obj = json.loads(last)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n}: not JSON ({e.msg})") from None
     return _metric_dicts(obj, split, str(path))
 
 
