@@ -13,6 +13,7 @@ import logging
 import sys
 
 from missrec.errors import ConfigError
+from missrec.eval.metrics import TIE_RULES
 from missrec.transfer.rescore import rescore_run
 
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--data-root", default=None, help="the data folder, if not the one in the run's config")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--ties", choices=["index", "expected"], default="index",
+    p.add_argument("--ties", choices=TIE_RULES, default="index",
                    help="tied scores: index (lower item index first, as in training) | expected (random order)")
     args = p.parse_args(argv)
     try:

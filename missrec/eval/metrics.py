@@ -23,6 +23,12 @@ DEFAULT_KS = (10, 50)
 TIE_RULES = ("index", "expected")
 
 
+def check_tie_rule(ties: str) -> None:
+    """Refuse a tie rule other than :data:`TIE_RULES`."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+
+
 def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among all items.
 
@@ -67,21 +73,17 @@ class RankingMetrics:
     count: int = 0
 
     def __post_init__(self) -> None:
-        if self.ties not in TIE_RULES:
-            raise ValueError(f"ties must be one of {TIE_RULES}, got {self.ties!r}")
+        check_tie_rule(self.ties)
 
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``scores`` [B, N], ``target`` [B]."""
         if self.ties == "expected":
             higher, ties = higher_and_ties(scores.float(), target)  # [B], [B]
-        else:
-            ranks = target_ranks(scores.float(), target).double()  # [B]
+        else:  # the index rule: one rank each, ties already placed by item index
+            higher = target_ranks(scores.float(), target)  # [B]
+            ties = torch.zeros_like(higher)
         for k in self.ks:
-            if self.ties == "expected":
-                hit, ndcg = expected_at_k(higher, ties, k)
-            else:
-                hit = (ranks < k).double()
-                ndcg = hit / torch.log2(ranks + 2.0)
+            hit, ndcg = expected_at_k(higher, ties, k)
             self._sums[f"recall@{k}"] = self._sums.get(f"recall@{k}", 0.0) + float(hit.sum())
             self._sums[f"ndcg@{k}"] = self._sums.get(f"ndcg@{k}", 0.0) + float(ndcg.sum())
         self.count += int(target.shape[0])

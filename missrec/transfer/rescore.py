@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from missrec.eval.metrics import TIE_RULES
+from missrec.eval.metrics import check_tie_rule
 from missrec.train.loop import evaluate, resolve_device
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ def rescore_run(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"cutoffs must be positive integers, got {list(ks)}")
-    if ties not in TIE_RULES:
-        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+    check_tie_rule(ties)  # before the run is loaded
     dev = resolve_device(device)
     run = load_run(run_dir, data_root, str(dev))
     log.info("%s: best.pt (epoch %s) on %s at %s, ties %s", run_dir, run.epoch, split, list(ks), ties)
