@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+from missrec.transfer.results import METRICS  # the paper's four metrics, in its order
 
 
 @dataclass(frozen=True)
