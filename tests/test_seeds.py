@@ -92,31 +92,27 @@ def test_sources_run_folder_metrics_file_runs_list_and_launcher_output(tmp_path)
     assert load_metrics(run, "valid") == [{"recall@10": 0.2, "ndcg@10": 0.07}]
 
 
-def test_bad_sources_are_named(tmp_path):
+BAD_SOURCES = [  # file content -> the error naming the file (and line or run)
+    ('{"runs": [{"recall@10": 0.1}]}\n\n{not json\n\n', r"src.json: line 3: not JSON"),
+    ("\n \n", r"src.json: empty file"),
+    ('{"runs": [{"test": {"recall@10": true}}, {"test": 3}]}', r"src.json: run 0: recall@10 is not a finite number: True"),
+    ('{"runs": [{"test": 3}]}', r"src.json: run 0: 'test' is not a JSON object"),
+    ('{"runs": [{"recall@10": NaN}]}', r"src.json: run 0: recall@10 is not a finite number"),
+    ('{"runs": [{"hit": 0.1}]}', r"src.json: run 0 has none of"),
+]
+
+
+@pytest.mark.parametrize(("content", "error"), BAD_SOURCES)
+def test_bad_sources_are_named(tmp_path, content, error):
+    src = tmp_path / "src.json"
+    src.write_text(content)
+    with pytest.raises(ValueError, match=error):
+        load_metrics(src)
+
+
+def test_missing_source_and_missing_metric_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_metrics(tmp_path / "nowhere")
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"runs": [{"recall@10": 0.1}]}\n\n{not json\n\n')
-    with pytest.raises(ValueError, match=r"bad.json: line 3: not JSON"):
-        load_metrics(bad)
-    (tmp_path / "empty.json").write_text("\n \n")
-    with pytest.raises(ValueError, match="empty.json: empty file"):
-        load_metrics(tmp_path / "empty.json")
-    flag = tmp_path / "flag.json"
-    flag.write_text('{"runs": [{"test": {"recall@10": true}}, {"test": 3}]}')
-    with pytest.raises(ValueError, match=r"flag.json: run 0: recall@10 is not a finite number: True"):
-        load_metrics(flag)
-    flag.write_text('{"runs": [{"test": 3}]}')
-    with pytest.raises(ValueError, match=r"flag.json: run 0: 'test' is not a JSON object"):
-        load_metrics(flag)
-    nan = tmp_path / "nan.json"
-    nan.write_text('{"runs": [{"recall@10": NaN}]}')
-    with pytest.raises(ValueError, match=r"nan.json: run 0: recall@10 is not a finite number"):
-        load_metrics(nan)
-    none = tmp_path / "none.json"
-    none.write_text('{"runs": [{"hit": 0.1}]}')
-    with pytest.raises(ValueError, match="has none of"):
-        load_metrics(none)
     with pytest.raises(ValueError, match="recall@50 is missing from run"):
         compare_groups([{"recall@10": 0.1}], [{"recall@10": 0.2}], ["recall@50"])
 
