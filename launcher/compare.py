@@ -4,6 +4,7 @@ metric); prints a Markdown table, then the comparison as JSON on the last line.
     python launcher/compare.py --runs runs/ind-s2020 runs/ind-s1 runs/ind-s2 \\
         --baseline docs/benchmarks/official_inductive.json --labels ours,official
     python launcher/compare.py --runs runs/a-s* --baseline runs/b-s* --split valid
+    python launcher/compare.py --runs ... --baseline ... --margin 0.005   # + a non-inferiority test
 
 A source is a run folder, a metrics JSON file (e.g. ``launcher/evaluate.py ... > FILE``) or a JSON file
 ``{"runs": [...]}`` (missrec/eval/seeds.py).
@@ -25,19 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["test", "valid"], default="test")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated (default: %(default)s)")
     p.add_argument("--labels", default="ours,baseline", help="the two groups' names in the table")
+    p.add_argument("--margin", type=float, default=None,
+                   help="also test non-inferiority: the one-sided p that the first group trails by this much or more")
     args = p.parse_args(argv)
     labels = tuple(s.strip() for s in args.labels.split(","))
     if len(labels) != 2:
         p.error(f"--labels needs two comma-separated names, got {args.labels!r}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.margin is not None and not (args.margin >= 0 and args.margin < float("inf")):
+        p.error(f"--margin must be a finite number >= 0, got {args.margin}")
     try:
         a, b = load_group(args.runs, args.split), load_group(args.baseline, args.split)
-        results = compare_groups(a, b, metrics)
+        results = compare_groups(a, b, metrics, args.margin)
     except (FileNotFoundError, ValueError) as e:
         sys.stderr.write(f"compare.py: error: {e}\n")
         return 2
     print(render_comparison(results, labels))
-    print(json.dumps({"labels": labels, "split": args.split, "metrics": comparison_json(results)}))
+    print(json.dumps({"labels": labels, "split": args.split, "margin": args.margin,
+                      "metrics": comparison_json(results)}))
     return 0
 
 

@@ -17,6 +17,7 @@ from missrec.eval.seeds import (
     load_metrics,
     t_quantile_two_sided,
     t_two_sided_p,
+    t_upper_p,
     welch,
 )
 
@@ -68,6 +69,23 @@ def test_t_quantile_inverts_the_p_value():
         assert t_two_sided_p(t_quantile_two_sided(p, df), df) == pytest.approx(p, rel=1e-9)
     with pytest.raises(ValueError, match="p must be in"):
         t_quantile_two_sided(1.5, 3)
+
+
+def test_noninferiority_is_the_one_sided_test_dual_to_the_90_percent_interval():
+    a, b = [0.330, 0.326, 0.334, 0.329, 0.322, 0.333], [0.333, 0.331, 0.328, 0.329]
+    c0 = welch(a, b, margin=0.0)  # margin 0: the one-sided p of "a beats b"
+    assert c0.diff < 0 and c0.p_noninferior == pytest.approx(1 - c0.p / 2, abs=1e-12)
+    assert welch(b, a, margin=0.0).p_noninferior == pytest.approx(c0.p / 2, abs=1e-12)
+    # a trails by at most the 90 % interval's lower end, at exactly the 5 % level
+    lower = c0.diff - t_quantile_two_sided(0.10, c0.df) * c0.se
+    assert welch(a, b, margin=-lower).p_noninferior == pytest.approx(0.05, abs=1e-9)
+    wide, narrow = welch(a, b, margin=0.01), welch(a, b, margin=0.001)
+    assert wide.p_noninferior < 0.05 < narrow.p_noninferior and wide.p == c0.p  # the two-sided test is unchanged
+    assert t_upper_p(0.0, 7) == pytest.approx(0.5) and t_upper_p(-3.0, 7) == pytest.approx(1 - t_upper_p(3.0, 7))
+    assert welch(a, b).margin is None and welch(a, b).p_noninferior is None
+    for bad in (-0.001, math.nan, math.inf):
+        with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+            welch(a, b, margin=bad)
 
 
 def test_welch_without_spread_gives_no_test():
@@ -133,6 +151,17 @@ def test_compare_launcher(tmp_path):
     r = last["metrics"]["recall@50"]
     assert r["n_a"] == 4 and r["n_b"] == 3 and r["diff"] == pytest.approx(0.3375 - 0.321)
     assert r["p"] < 0.01 and 0 < r["ci_low"] < r["diff"] < r["ci_high"]
+    assert last["margin"] is None and r["p_noninferior"] is None
+    proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", b, "--baseline", a, "--margin", "0.04",
+                           "--metrics", "recall@50"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "p (ours trails by >= 0.04) |" in proc.stdout
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["margin"] == 0.04 and last["metrics"]["recall@50"]["p_noninferior"] < 0.05
+    proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", a, "--baseline", b, "--margin", "-1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--margin must be a finite number >= 0" in proc.stderr
     proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", str(tmp_path / "x"), "--baseline", b],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "compare.py: error:" in proc.stderr and "metrics.json" in proc.stderr

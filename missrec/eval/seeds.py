@@ -27,7 +27,11 @@ from missrec.transfer.results import METRICS  # the paper's four metrics, in its
 class Comparison:
     """One metric of group ``a`` against group ``b``: ``diff`` = mean(a) - mean(b); ``se`` its standard
     error; Welch's ``t``, its degrees of freedom ``df``, the two-sided ``p`` and the 95 % confidence interval
-    ``ci_low`` .. ``ci_high`` of ``diff`` (``None`` when a group has fewer than 2 runs or neither varies)."""
+    ``ci_low`` .. ``ci_high`` of ``diff`` (``None`` when a group has fewer than 2 runs or neither varies).
+
+    With a non-inferiority ``margin`` m >= 0, ``p_noninferior`` is the one-sided p of the null hypothesis
+    "``a`` trails ``b`` by m or more" (true diff <= -m); below 0.05 it shows ``a`` within m of ``b`` or better.
+    With m = 0 it is the one-sided p of "``a`` beats ``b``"."""
 
     n_a: int
     mean_a: float
@@ -42,6 +46,8 @@ class Comparison:
     p: float | None
     ci_low: float | None = None
     ci_high: float | None = None
+    margin: float | None = None
+    p_noninferior: float | None = None
 
 
 def _metric_dicts(obj: object, split: str, where: str) -> list[dict[str, float]]:
@@ -156,12 +162,21 @@ def _mean_sd(x: Sequence[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1))
 
 
-def welch(a: Sequence[float], b: Sequence[float]) -> Comparison:
-    """Welch's unequal-variance t-test of mean(a) - mean(b)."""
+def t_upper_p(t: float, df: float) -> float:
+    """P(T >= t) for Student's t with ``df`` degrees of freedom (one-sided)."""
+    half = t_two_sided_p(t, df) / 2.0
+    return half if t >= 0 else 1.0 - half
+
+
+def welch(a: Sequence[float], b: Sequence[float], margin: float | None = None) -> Comparison:
+    """Welch's unequal-variance t-test of mean(a) - mean(b); with ``margin`` also the one-sided
+    non-inferiority test of :class:`Comparison`."""
     if not a or not b:
         raise ValueError("both groups need at least one value")
+    if margin is not None and not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"the non-inferiority margin must be a finite number >= 0, got {margin}")
     (ma, sa), (mb, sb) = _mean_sd(a), _mean_sd(b)
-    se = t = df = p = lo = hi = None
+    se = t = df = p = lo = hi = p_ni = None
     if sa is not None and sb is not None:
         va, vb = sa * sa / len(a), sb * sb / len(b)
         if va + vb > 0:
@@ -171,20 +186,24 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Comparison:
             p = t_two_sided_p(t, df)
             half = t_quantile_two_sided(0.05, df) * se
             lo, hi = ma - mb - half, ma - mb + half
-    return Comparison(len(a), ma, sa, len(b), mb, sb, ma - mb, se, t, df, p, lo, hi)
+            if margin is not None:
+                p_ni = t_upper_p((ma - mb + margin) / se, df)
+    return Comparison(len(a), ma, sa, len(b), mb, sb, ma - mb, se, t, df, p, lo, hi, margin, p_ni)
 
 
 def compare_groups(
-    a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], metrics: Sequence[str] = METRICS
+    a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], metrics: Sequence[str] = METRICS,
+    margin: float | None = None,
 ) -> dict[str, Comparison]:
-    """Per metric, group ``a``'s runs against group ``b``'s (metrics missing from any run are refused)."""
+    """Per metric, group ``a``'s runs against group ``b``'s (metrics missing from any run are refused);
+    ``margin``: the non-inferiority margin of :func:`welch`."""
     out = {}
     for k in metrics:
         for name, g in (("first", a), ("second", b)):
             missing = [i for i, m in enumerate(g) if k not in m]
             if missing:
                 raise ValueError(f"{k} is missing from run(s) {missing} of the {name} group")
-        out[k] = welch([m[k] for m in a], [m[k] for m in b])
+        out[k] = welch([m[k] for m in a], [m[k] for m in b], margin)
     return out
 
 
@@ -198,15 +217,20 @@ def _interval(c: Comparison) -> str:
 
 def render_comparison(results: Mapping[str, Comparison], labels: tuple[str, str] = ("ours", "baseline")) -> str:
     """A Markdown table: one row per metric, means ± sd of both groups, the difference with its 95 %
-    interval, its se, t, df and p."""
+    interval, its se, t, df and p; with a margin, one more column: the non-inferiority p."""
     la, lb = labels
-    lines = [f"| metric | {la} | {lb} | difference | 95 % interval | se | t | df | p (two-sided) |", "|---" * 9 + "|"]
+    margin = next((c.margin for c in results.values() if c.margin is not None), None)
+    head = f"| metric | {la} | {lb} | difference | 95 % interval | se | t | df | p (two-sided) |"
+    if margin is not None:
+        head += f" p ({la} trails by >= {margin:g}) |"
+    lines = [head, "|---" * (9 + (margin is not None)) + "|"]
     for k, c in results.items():
-        lines.append(
+        row = (
             f"| {k} | {c.mean_a:.4f} ± {_fmt(c.sd_a, '.4f')} (n={c.n_a}) | {c.mean_b:.4f} ± {_fmt(c.sd_b, '.4f')} "
             f"(n={c.n_b}) | {c.diff:+.4f} | {_interval(c)} | {_fmt(c.se, '.4f')} | {_fmt(c.t, '+.2f')} | {_fmt(c.df, '.1f')} | "
             f"{_fmt(c.p, '.2f')} |"
         )
+        lines.append(row + (f" {_fmt(c.p_noninferior, '.3f')} |" if margin is not None else ""))
     return "\n".join(lines)
 
 
