@@ -33,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) != 2:
         p.error(f"--labels needs two comma-separated names, got {args.labels!r}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    if args.margin is not None and not (args.margin >= 0 and args.margin < float("inf")):
-        p.error(f"--margin must be a finite number >= 0, got {args.margin}")
     try:
         a, b = load_group(args.runs, args.split), load_group(args.baseline, args.split)
         results = compare_groups(a, b, metrics, args.margin)

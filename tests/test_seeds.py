@@ -159,9 +159,10 @@ def test_compare_launcher(tmp_path):
     assert "p (ours trails by >= 0.04) |" in proc.stdout
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["margin"] == 0.04 and last["metrics"]["recall@50"]["p_noninferior"] < 0.05
-    proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", a, "--baseline", b, "--margin", "-1"],
+    proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", a, "--baseline", b, "--margin", "-1",
+                           "--metrics", "recall@50"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 2 and "--margin must be a finite number >= 0" in proc.stderr
+    assert proc.returncode == 2 and "margin must be a finite number >= 0" in proc.stderr
     proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", str(tmp_path / "x"), "--baseline", b],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "compare.py: error:" in proc.stderr and "metrics.json" in proc.stderr
