@@ -61,6 +61,9 @@ class TrainConfig:
     nonfinite: str = "error"  # a NaN/inf loss: "error" stops naming the batch, "skip" skips and counts
     max_steps_per_epoch: int = 0  # 0 = whole epoch (a cap for smoke runs)
     eval_every: int = 1
+    # diagnostic: also score the test split after every validation (history.json "test_*", TensorBoard
+    # trace_test/*); never used to select or stop. Off: the test split is scored once, at the end.
+    trace_test: bool = False
     progress: bool = True
 
 

@@ -43,6 +43,19 @@ def test_finetune_launcher_prints_metrics_json_last(synthetic_root, tmp_path):
     assert expected["ties"] == "expected"
     for k in last["test"]:
         assert expected[k] == pytest.approx(last["test"][k], abs=1e-9)
+    # by target popularity: the buckets partition the users, and weighted back they give the overall figure
+    proc = _run("launcher/evaluate.py", "--run", str(out), "--by-popularity", "2,4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    buckets = json.loads(proc.stdout.strip().splitlines()[-1])["buckets"]
+    assert list(buckets) == ["0-1", "2-3", "4+", "all"]
+    parts = [buckets[b] for b in ("0-1", "2-3", "4+")]
+    assert sum(b["users"] for b in parts) == buckets["all"]["users"]
+    for k in last["test"]:
+        assert buckets["all"][k] == pytest.approx(last["test"][k], abs=1e-9)
+        weighted = sum(b[k] * b["users"] for b in parts if b["users"]) / buckets["all"]["users"]
+        assert weighted == pytest.approx(last["test"][k], abs=1e-9)
+    proc = _run("launcher/evaluate.py", "--run", str(out), "--by-popularity", "5,2")
+    assert proc.returncode == 2 and "strictly increasing" in proc.stderr
 
 
 def test_evaluate_launcher_names_a_missing_run(tmp_path):

@@ -208,9 +208,14 @@ def fit(
             improved = valid["ndcg@10"] > best_score
             if improved:  # keep the weights that were validated: the averaged ones with train.ema
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            # the state just validated, on the test split: a diagnostic trace, never a selection signal
+            traced = evaluate(model, eval_batches("test"), device) if cfg.trace_test else {}
         eval_time += time.perf_counter() - t1
         out.scalars({f"valid/{k}": v for k, v in valid.items()}, epoch)
-        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, "train_s": epoch_train, "lr": epoch_lr})
+        if traced:
+            out.scalars({f"trace_test/{k}": v for k, v in traced.items()}, epoch)
+        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid,
+                        **{f"test_{k}": v for k, v in traced.items()}, "train_s": epoch_train, "lr": epoch_lr})
         log.info(
             "epoch %d: loss %.4f, %.1fs (%.0f seq/s), valid %s",
             epoch, total / max(count, 1), epoch_train, seqs / epoch_train,

@@ -5,7 +5,8 @@ its epoch) on a split, at any cutoffs, from the run's own ``config.json``.
 
 Useful to compare with figures computed at other cutoffs, e.g. the official MISSRec evaluator, which
 reports top-(k+1) as "@k" (docs/results.md). ``--ties expected`` scores tied items by their expected rank,
-which needs no item order and so compares exactly with another code's dumped ranks.
+which needs no item order and so compares exactly with another code's dumped ranks. ``--by-popularity
+6,21`` splits the users by how often their target is a training target (:mod:`missrec.eval.popularity`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from missrec.eval.metrics import check_tie_rule
+from missrec.eval.popularity import check_edges, evaluate_by_popularity, target_counts
 from missrec.train.loop import evaluate, resolve_device
 
 log = logging.getLogger(__name__)
@@ -42,3 +44,26 @@ def rescore_run(
     run = load_run(run_dir, data_root, str(dev))
     log.info("%s: best.pt (epoch %s) on %s at %s, ties %s", run_dir, run.epoch, split, list(ks), ties)
     return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks), ties)
+
+
+def rescore_by_popularity(
+    run_dir: str | Path, edges: Sequence[int], ks: Sequence[int] = (10, 50), split: str = "test",
+    data_root: str | None = None, device: str = "auto", ties: str = "index",
+) -> dict[str, dict[str, float]]:
+    """As :func:`rescore_run`, per bucket of how often the target is a target of the run's training rows
+    (one pass over them; ``edges`` e.g. ``(6, 21)``), plus ``"all"``; see
+    :func:`missrec.eval.popularity.evaluate_by_popularity`."""
+    from missrec.serve.loading import load_run
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"cutoffs must be positive integers, got {list(ks)}")
+    edges = check_edges(edges)
+    check_tie_rule(ties)
+    dev = resolve_device(device)
+    run = load_run(run_dir, data_root, str(dev))
+    counts = target_counts(run.data.train_batches(0), run.data.num_items)  # [N]
+    log.info("%s: best.pt (epoch %s) on %s by training-target count %s", run_dir, run.epoch, split, list(edges))
+    return evaluate_by_popularity(run.model, run.data.eval_batches(split), counts, edges, dev,
+                                  tuple(int(k) for k in ks), ties)
