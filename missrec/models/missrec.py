@@ -22,7 +22,9 @@ Differences from the official code (gimpong/MM23-MISSRec), on purpose:
   adapter's bias vector for a zero feature row and scores it like any other);
 - distinct interests of a batch are computed vectorised, not with a Python loop over rows;
 - the interest regulariser averages each row's real interest outputs (the official one sums every slot,
-  padded ones too: ``interest_reg="official"``).
+  padded ones too: ``interest_reg="official"``). Averaged over the batch instead of summed, it is about
+  batch-size times weaker at the same weight; ``interest_reg="sum"`` keeps the official scale (real
+  outputs summed per row, rows summed) without the padded slots.
 
 ``pad_negative`` (the toolkit's default, as the official code) scores the padding row, whose tokens are
 the linear adapters' biases, as one more negative in training.
@@ -91,8 +93,8 @@ class MISSRec(nn.Module):
             raise ValueError("MISSRec needs at least one modality feature table")
         if fusion not in ("dynamic", "mean"):
             raise ValueError(f"fusion must be 'dynamic' or 'mean', got {fusion!r}")
-        if interest_reg not in ("mean", "official"):
-            raise ValueError(f"interest_reg must be 'mean' or 'official', got {interest_reg!r}")
+        if interest_reg not in ("mean", "sum", "official"):
+            raise ValueError(f"interest_reg must be 'mean', 'sum' or 'official', got {interest_reg!r}")
         if pad_negative and (adapter != "linear" or adapter_init != "torch"):
             raise ValueError("pad_negative scores the linear adapters' (non-zero) biases: it needs adapter='linear' "
                              f"and adapter_init='torch', got {adapter!r} and {adapter_init!r}; set pad_negative "
@@ -283,7 +285,7 @@ class MISSRec(nn.Module):
                 gi, gm = gi[:, :k], gm[:, :k]
             parts.append(self._encode(batch.select(g), tokens, lut, gi, gm))
         user = torch.cat([u for u, _ in parts])[torch.argsort(torch.cat(groups))]  # [B, D] in batch order
-        if self.interest_reg == "official":  # a sum over rows
+        if self.interest_reg in ("official", "sum"):  # a sum over rows
             return user, torch.stack([r for _, r in parts]).sum()
         return user, sum(r * len(g) for (_, r), g in zip(parts, groups)) / len(batch)  # a mean over rows
 
@@ -321,6 +323,9 @@ class MISSRec(nn.Module):
         w = imask.unsqueeze(-1).to(memory.dtype)  # [B, K, 1]
         if self.interest_reg == "official":  # padded outputs included, x real fraction, summed over the batch
             pooled = (memory * w.mean(1, keepdim=True)).sum(1)  # [B, D]
+            reg = (pooled * pooled).sum() / self.hidden
+        elif self.interest_reg == "sum":  # the official scale without padded slots: real outputs summed, over rows
+            pooled = (memory * w).sum(1)  # [B, D]
             reg = (pooled * pooled).sum() / self.hidden
         else:  # the mean of the real interests' outputs, averaged over the batch
             pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
