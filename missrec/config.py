@@ -104,7 +104,7 @@ class MISSRecConfig:
     fusion: str = "dynamic"  # dynamic | mean
     final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has)
     # interest regulariser: mean (of the real interests' outputs, over the batch) | sum (the real outputs
-    # summed per row, rows summed: the official scale, ~batch-size times "mean") | official (the official
+    # summed per row, rows summed: the official scale, batch size x interests per row squared times "mean") | official (the official
     # code's: every slot's output summed, padded ones and its padding-id slot included, times the real
     # fraction, summed over the batch)
     interest_reg: str = "mean"
