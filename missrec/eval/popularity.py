@@ -50,22 +50,18 @@ def evaluate_by_popularity(
     labels = bucket_labels(edges)
     parts = [RankingMetrics(ks, ties) for _ in labels]
     whole = RankingMetrics(ks, ties)
-    was_training = model.training
-    model.eval()
-    if hasattr(model, "begin_eval"):
-        model.begin_eval()
-    for batch in batches:
-        batch = batch.to(device)
-        scores = model.full_scores(batch)  # [B, N]
-        whole.update(scores, batch.target)
-        which = torch.bucketize(counts[batch.target.cpu()], bounds, right=True)  # [B] bucket index
-        for i, part in enumerate(parts):
-            rows = (which == i).nonzero().flatten().to(scores.device)
-            if rows.numel():
-                part.update(scores[rows], batch.target[rows])
-    if hasattr(model, "end_eval"):
-        model.end_eval()
-    model.train(was_training)
+    from missrec.train.loop import scoring
+
+    with scoring(model):
+        for batch in batches:
+            batch = batch.to(device)
+            scores = model.full_scores(batch)  # [B, N]
+            whole.update(scores, batch.target)
+            which = torch.bucketize(counts[batch.target.cpu()], bounds, right=True)  # [B] bucket index
+            for i, part in enumerate(parts):
+                rows = (which == i).nonzero().flatten().to(scores.device)
+                if rows.numel():
+                    part.update(scores[rows], batch.target[rows])
     out = {lab: {"users": float(p.count), **(p.compute() if p.count else {})} for lab, p in zip(labels, parts)}
     out["all"] = {"users": float(whole.count), **whole.compute()}
     return out

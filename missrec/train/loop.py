@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -83,6 +83,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def scoring(model: nn.Module) -> Iterator[None]:
+    """Eval mode for a scoring pass, with the model's ``begin_eval``/``end_eval`` hooks if it has them;
+    the previous train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    hook = getattr(model, "begin_eval", None)
+    if hook is not None:
+        hook()
+    try:
+        yield
+    finally:
+        end = getattr(model, "end_eval", None)
+        if end is not None:
+            end()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[Batch], device: torch.device, ks: tuple[int, ...] = DEFAULT_KS,
@@ -90,19 +108,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Full-ranking Recall/NDCG at each cutoff of ``ks`` (default 10, 50) of ``model`` over ``batches``;
     ``ties``: how tied scores rank (:class:`missrec.eval.metrics.RankingMetrics`)."""
-    was_training = model.training
-    model.eval()
-    hook = getattr(model, "begin_eval", None)
-    if hook is not None:
-        hook()
     metrics = RankingMetrics(ks, ties)
-    for batch in batches:
-        batch = batch.to(device)
-        metrics.update(model.full_scores(batch), batch.target)
-    end = getattr(model, "end_eval", None)
-    if end is not None:
-        end()
-    model.train(was_training)
+    with scoring(model):
+        for batch in batches:
+            batch = batch.to(device)
+            metrics.update(model.full_scores(batch), batch.target)
     return metrics.compute()
 
 

@@ -14,10 +14,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from missrec.eval.metrics import check_tie_rule
 from missrec.eval.popularity import check_edges, evaluate_by_popularity, target_counts
 from missrec.train.loop import evaluate, resolve_device
+
+if TYPE_CHECKING:
+    from missrec.serve.loading import LoadedRun
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +39,25 @@ def rescore_run(
 
     The run is loaded as for serving (:func:`missrec.serve.loading.load_run`); ``data_root`` replaces the
     run's data folder (its config may hold a path relative to another working directory)."""
+    run, dev = _load_checked(run_dir, ks, split, data_root, device, ties)
+    log.info("%s: best.pt (epoch %s) on %s at %s, ties %s", run_dir, run.epoch, split, list(ks), ties)
+    return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks), ties)
+
+
+def _load_checked(
+    run_dir: str | Path, ks: Sequence[int], split: str, data_root: str | None, device: str, ties: str
+) -> tuple[LoadedRun, torch.device]:
+    """The run (:func:`missrec.serve.loading.load_run`) and its device, after the arguments are checked
+    (before anything is loaded)."""
     from missrec.serve.loading import load_run
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"cutoffs must be positive integers, got {list(ks)}")
-    check_tie_rule(ties)  # before the run is loaded
+    check_tie_rule(ties)
     dev = resolve_device(device)
-    run = load_run(run_dir, data_root, str(dev))
-    log.info("%s: best.pt (epoch %s) on %s at %s, ties %s", run_dir, run.epoch, split, list(ks), ties)
-    return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks), ties)
+    return load_run(run_dir, data_root, str(dev)), dev
 
 
 def rescore_by_popularity(
@@ -53,16 +67,8 @@ def rescore_by_popularity(
     """As :func:`rescore_run`, per bucket of how often the target is a target of the run's training rows
     (one pass over them; ``edges`` e.g. ``(6, 21)``), plus ``"all"``; see
     :func:`missrec.eval.popularity.evaluate_by_popularity`."""
-    from missrec.serve.loading import load_run
-
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"cutoffs must be positive integers, got {list(ks)}")
     edges = check_edges(edges)
-    check_tie_rule(ties)
-    dev = resolve_device(device)
-    run = load_run(run_dir, data_root, str(dev))
+    run, dev = _load_checked(run_dir, ks, split, data_root, device, ties)
     counts = target_counts(run.data.train_batches(0), run.data.num_items)  # [N]
     log.info("%s: best.pt (epoch %s) on %s by training-target count %s", run_dir, run.epoch, split, list(edges))
     return evaluate_by_popularity(run.model, run.data.eval_batches(split), counts, edges, dev,
