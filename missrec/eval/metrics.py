@@ -15,12 +15,33 @@ two codes (or an official checkpoint's dumped ranks) compare exactly.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 DEFAULT_KS = (10, 50)
 TIE_RULES = ("index", "expected")
+
+
+@contextlib.contextmanager
+def scoring(model: nn.Module) -> Iterator[None]:
+    """Eval mode for a scoring pass, with the model's ``begin_eval``/``end_eval`` hooks if it has them;
+    the previous train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    hook = getattr(model, "begin_eval", None)
+    if hook is not None:
+        hook()
+    try:
+        yield
+    finally:
+        end = getattr(model, "end_eval", None)
+        if end is not None:
+            end()
+        model.train(was_training)
 
 
 def check_tie_rule(ties: str) -> None:

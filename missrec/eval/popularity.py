@@ -13,7 +13,7 @@ from itertools import pairwise
 import torch
 
 from missrec.data.batching import Batch
-from missrec.eval.metrics import DEFAULT_KS, RankingMetrics
+from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
 
 
 def check_edges(edges: Sequence[int]) -> tuple[int, ...]:
@@ -50,8 +50,6 @@ def evaluate_by_popularity(
     labels = bucket_labels(edges)
     parts = [RankingMetrics(ks, ties) for _ in labels]
     whole = RankingMetrics(ks, ties)
-    from missrec.train.loop import scoring
-
     with scoring(model):
         for batch in batches:
             batch = batch.to(device)

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from missrec.config import TrainConfig
 from missrec.data.batching import Batch
 from missrec.errors import ConfigError
-from missrec.eval.metrics import DEFAULT_KS, RankingMetrics
+from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
 from missrec.train.averaging import WeightAverage
 from missrec.train.rank_zero import RankZero
 
@@ -81,24 +81,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-@contextlib.contextmanager
-def scoring(model: nn.Module) -> Iterator[None]:
-    """Eval mode for a scoring pass, with the model's ``begin_eval``/``end_eval`` hooks if it has them;
-    the previous train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    hook = getattr(model, "begin_eval", None)
-    if hook is not None:
-        hook()
-    try:
-        yield
-    finally:
-        end = getattr(model, "end_eval", None)
-        if end is not None:
-            end()
-        model.train(was_training)
 
 
 @torch.no_grad()
