@@ -19,7 +19,7 @@ from missrec.eval.seeds import compare_groups, load_metrics
 from missrec.transfer.results import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
-# README row label -> its record in docs/benchmarks (our runs, one per seed)
+# record in docs/benchmarks (our runs, one per seed) -> the start of its README row
 ROW_LABEL = {
     "ours_transductive": "MISSRec transductive, scientific_mm (CLIP T+V+ID); mean of",
     "ours_inductive": "MISSRec inductive, scientific_mm (CLIP T+V); mean of",
