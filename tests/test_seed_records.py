@@ -19,6 +19,7 @@ from missrec.eval.seeds import compare_groups, load_metrics
 from missrec.transfer.results import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "docs" / "benchmarks"
 # record in docs/benchmarks (our runs, one per seed) -> the start of its README row
 ROW_LABEL = {
     "ours_transductive": "MISSRec transductive, scientific_mm (CLIP T+V+ID); mean of",
@@ -43,7 +44,7 @@ def _means(path: Path) -> tuple[int, list[float]]:
 @pytest.mark.parametrize("record", list(ROW_LABEL))
 def test_readme_rows_are_the_means_of_the_seed_records(record: str) -> None:
     cells = _readme_cells(record)
-    n_ours, ours = _means(ROOT / "docs" / "benchmarks" / f"{record}.json")
+    n_ours, ours = _means(BENCH / f"{record}.json")
 
     assert f"mean of {n_ours} seeds" in cells[0]
     assert [float(c) for c in cells[1:5]] == [round(v, 4) for v in ours]
@@ -52,7 +53,7 @@ def test_readme_rows_are_the_means_of_the_seed_records(record: str) -> None:
 @pytest.mark.parametrize("mode", ["transductive", "inductive"])
 def test_official_figures_beside_the_rows_are_the_means_of_their_records(mode: str) -> None:
     cells = _readme_cells(f"ours_{mode}")
-    n_official, official = _means(ROOT / "docs" / "benchmarks" / f"official_{mode}.json")
+    n_official, official = _means(BENCH / f"official_{mode}.json")
 
     match = re.search(rf"official code, {n_official} seeds rerun here, scored like ours: "
                       r"([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+)", cells[5])
@@ -64,7 +65,7 @@ def test_official_figures_beside_the_rows_are_the_means_of_their_records(mode: s
                                   "ours_shuffled_inductive", "ours_shuffled_transductive", "ours_sum_inductive",
                                   "ours_sum_transductive", "official_inductive", "official_transductive"])
 def test_seed_records_have_one_run_per_seed(name: str) -> None:
-    doc = json.loads((ROOT / "docs" / "benchmarks" / f"{name}.json").read_text())
+    doc = json.loads((BENCH / f"{name}.json").read_text())
     seeds = [r["seed"] for r in doc["runs"]]
     assert len(seeds) == len(set(seeds)) >= 5
     assert all(0.0 < r["test"][m] < 1.0 for r in doc["runs"] for m in METRICS)
@@ -74,6 +75,6 @@ def test_seed_records_have_one_run_per_seed(name: str) -> None:
 def test_missrec_rows_beat_sasrec_on_every_metric(record: str) -> None:
     """The README's claim (issue 3's bar: transductive on all four metrics, inductive at least on R@50
     and N@50): each MISSRec record beats SASRec's on every metric, Welch's two-sided p < 0.01."""
-    missrec, sasrec = (load_metrics(ROOT / "docs" / "benchmarks" / f"{r}.json") for r in (record, "ours_sasrec"))
+    missrec, sasrec = (load_metrics(BENCH / f"{r}.json") for r in (record, "ours_sasrec"))
     for metric, c in compare_groups(missrec, sasrec).items():
         assert c.diff > 0 and c.p is not None and c.p < 0.01, (record, metric, c)
