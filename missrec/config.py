@@ -102,6 +102,8 @@ class MISSRecConfig:
     interest_ratio: float = 0.5  # clusters = ratio * number of item tokens
     interest_knn: float = 5  # kNN size: a count (>= 1) or a ratio of the pool (< 1)
     interest_weight: float = 1e-4  # weight of the interest regulariser
+    # false: the ablation without interests (no MID, no interest encoder, the decoder without cross-attention;
+    # fine-tuning only)
     use_interests: bool = True
     fusion: str = "dynamic"  # dynamic | mean
     final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has)

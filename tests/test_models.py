@@ -144,3 +144,31 @@ def test_pretrain_loss_runs_and_backprops():
     assert set(terms) == {"loss", "seq_item", "seq_seq", "interest_reg"}
     terms["loss"].backward()
     assert m.adapters[0].proj.weight.grad is not None
+
+
+def test_without_interests_the_ablation_has_no_mid_no_encoder_no_cross_attention():
+    """``missrec.use_interests=false`` reaches the model (it was once a setting nothing read): no interest
+    discovery, no interest encoder, a decoder of self-attention only; it scores and trains."""
+    from missrec.config import RunConfig, build
+    from missrec.models.build import missrec_from_config
+
+    feats = [np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)]
+    on = missrec_from_config(build(RunConfig, overrides=[]).missrec, 30, feats, max_len=10, seed=0)
+    assert on.encoder is not None and any("multihead_attn" in n for n, _ in on.named_parameters())
+    cfg = build(RunConfig, overrides=["missrec.use_interests=false", "missrec.hidden=16", "missrec.heads=2"])
+    m = missrec_from_config(cfg.missrec, 30, feats, max_len=10, seed=0)
+    names = [n for n, _ in m.named_parameters()]
+    assert m.encoder is None and not any(n.startswith("encoder.") or "multihead_attn" in n for n in names)
+    assert m.refresh_interests() == {} and m.begin_epoch(0) == {}
+    assert not m.has_interests  # nothing was clustered
+    batch = collate([(0, [1, 2, 3], 4), (1, [5], 6), (2, [7, 8], 9)], max_len=10)
+    terms = m.loss(batch)
+    assert torch.isfinite(terms["loss"]) and float(terms["interest_reg"]) == 0.0
+    terms["loss"].backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if n.startswith("decoder."))
+    m.eval()
+    m.length_group_overhead = -1
+    one_pass = m.full_scores(batch)
+    m.length_group_overhead = 0  # rows of each length in their own pass: the same scores
+    assert one_pass.shape == (3, 30)
+    torch.testing.assert_close(m.full_scores(batch), one_pass, atol=1e-5, rtol=1e-5)

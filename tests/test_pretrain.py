@@ -298,3 +298,12 @@ def test_nonfinite_loss_on_one_rank_is_skipped_and_counted_or_stops_naming_it(ca
         assert proc.returncode != 0
         assert "non-finite pre-training loss at epoch 0 step 2 (global 2) on rank(s) [1]" in out
         assert "non-finite parameters: none" in out and "of domain" in out
+
+
+def test_pretraining_refuses_the_ablation_without_interests(tmp_path):
+    from missrec.config import build
+    from missrec.train.pretrain import run_pretrain
+
+    cfg = build(PretrainConfig, overrides=["missrec.use_interests=false", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="use_interests"):
+        run_pretrain(cfg)

@@ -40,7 +40,7 @@ def missrec_from_config(
         use_ids=m.mode == "transductive", temperature=m.temperature, fusion=m.fusion,
         interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
         interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,
-        length_group_overhead=m.length_group_overhead,
+        length_group_overhead=m.length_group_overhead, use_interests=m.use_interests,
     )
 
 

@@ -27,6 +27,9 @@ Differences from the official code (gimpong/MM23-MISSRec), on purpose:
   times on scientific_mm; ``interest_reg="sum"`` keeps the official scale (real outputs summed per row,
   rows summed) without the padded slots.
 
+``use_interests=False`` is the ablation without interests: no MID, no interest encoder, and the decoder
+without cross-attention (bidirectional self-attention over the item sequence alone).
+
 ``pad_negative`` (the toolkit's default, as the official code) scores the padding row, whose tokens are
 the linear adapters' biases, as one more negative in training.
 
@@ -63,6 +66,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _self_attention_stack(
+    hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float, layers: int, final_norm: bool
+) -> nn.TransformerEncoder:
+    """``layers`` transformer layers of bidirectional self-attention (GELU, post-norm), as the encoder."""
+    enc = nn.TransformerEncoderLayer(
+        hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
+    )
+    enc.self_attn.dropout = attn_dropout
+    return nn.TransformerEncoder(
+        enc, layers, norm=nn.LayerNorm(hidden, eps=1e-12) if final_norm else None, enable_nested_tensor=False,
+    )
+
+
 class MISSRec(nn.Module):
     def __init__(
         self,
@@ -88,6 +104,7 @@ class MISSRec(nn.Module):
         adapter_init: str = "normal",
         pad_negative: bool = False,
         length_group_overhead: int | None = None,
+        use_interests: bool = True,
     ) -> None:
         super().__init__()
         if not features:
@@ -101,6 +118,7 @@ class MISSRec(nn.Module):
                              f"and adapter_init='torch', got {adapter!r} and {adapter_init!r}; set pad_negative "
                              "off (missrec.pad_negative=false)")
         self.interest_reg = interest_reg
+        self.use_interests = use_interests
         self.pad_negative = pad_negative
         # what one more pass costs, in padded positions (length_groups); None: by device; -1: one pass per batch
         self.length_group_overhead = length_group_overhead
@@ -131,23 +149,23 @@ class MISSRec(nn.Module):
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
         self.drop = nn.Dropout(dropout)
-        enc = nn.TransformerEncoderLayer(
-            hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
-        )
-        enc.self_attn.dropout = attn_dropout
         # final_norm: a LayerNorm after each stack, as torch's nn.Transformer (the official code) has
-        self.encoder = nn.TransformerEncoder(
-            enc, encoder_layers, norm=nn.LayerNorm(hidden, eps=1e-12) if final_norm else None,
-            enable_nested_tensor=False,
-        )
-        dec = nn.TransformerDecoderLayer(
-            hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
-        )
-        dec.self_attn.dropout = attn_dropout
-        dec.multihead_attn.dropout = attn_dropout
-        self.decoder = nn.TransformerDecoder(
-            dec, decoder_layers, norm=nn.LayerNorm(hidden, eps=1e-12) if final_norm else None
-        )
+        self.encoder: nn.TransformerEncoder | None = None
+        self.decoder: nn.TransformerDecoder | nn.TransformerEncoder
+        if use_interests:
+            self.encoder = _self_attention_stack(hidden, heads, inner, dropout, attn_dropout, encoder_layers,
+                                                 final_norm)
+            dec = nn.TransformerDecoderLayer(
+                hidden, heads, inner, dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
+            )
+            dec.self_attn.dropout = attn_dropout
+            dec.multihead_attn.dropout = attn_dropout
+            self.decoder = nn.TransformerDecoder(
+                dec, decoder_layers, norm=nn.LayerNorm(hidden, eps=1e-12) if final_norm else None
+            )
+        else:  # the ablation without interests: no MID, no interest encoder, the decoder without cross-attention
+            self.decoder = _self_attention_stack(hidden, heads, inner, dropout, attn_dropout, decoder_layers,
+                                                 final_norm)
         self.fusion_factor = nn.Parameter(torch.zeros(1))  # [1]: engines cannot broadcast 0-d tensors
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
@@ -178,7 +196,7 @@ class MISSRec(nn.Module):
         with torch.no_grad():
             self._eval_tokens = None
             self._eval_tokens = self.item_tokens()
-        if not self.has_interests:
+        if self.use_interests and not self.has_interests:
             self.refresh_interests()
 
     def end_eval(self) -> None:
@@ -207,7 +225,10 @@ class MISSRec(nn.Module):
 
         With ``world_size`` > 1 this rank adapts only its contiguous slice of the items and ``discover``
         (e.g. :func:`missrec.interests.distributed.discover_interests_distributed`) clusters the pool
-        made of every rank's slice in rank order; every rank ends with the same index."""
+        made of every rank's slice in rank order; every rank ends with the same index. Without interests
+        (``use_interests=False``) there is nothing to discover: the index stays empty and ``{}`` is returned."""
+        if not self.use_interests:
+            return {}
         from missrec.interests import InterestConfig, discover_interests
         from missrec.interests.index import build_token_pool, item_interests_from_labels, item_slice
 
@@ -275,13 +296,17 @@ class MISSRec(nn.Module):
         if overhead is None:  # a pass costs ~128 positions on a CPU thread; ~4096 guessed for a GPU (launch-bound)
             overhead = 128 if batch.seq.device.type == "cpu" else 4096
         groups = length_groups(batch.seq_len, overhead)
-        ids, imask = self._interests(batch)  # [B, K], once for the whole batch
+        if self.use_interests:
+            ids, imask = self._interests(batch)  # [B, K], once for the whole batch
+        else:  # no interests: [B, 0]
+            ids = torch.zeros(len(batch), 0, dtype=torch.long, device=batch.seq.device)
+            imask = torch.zeros(len(batch), 0, dtype=torch.bool, device=batch.seq.device)
         if len(groups) == 1:
             return self._encode(batch, tokens, lut, ids, imask)
         parts = []
         for g in groups:
             gi, gm = ids[g], imask[g]  # [b, K]
-            if self.interest_reg != "official":  # the official one sums padded slots too: it keeps the batch's K
+            if self.interest_reg != "official" and self.use_interests:  # the official one keeps the batch's K
                 k = max(int(gm.sum(1).max()), 1)  # real ids are left-aligned
                 gi, gm = gi[:, :k], gm[:, :k]
             parts.append(self._encode(batch.select(g), tokens, lut, gi, gm))
@@ -317,6 +342,9 @@ class MISSRec(nn.Module):
             x = x + self.item_id(seq)
         x = x + self.pos_emb(torch.arange(length, device=seq.device))[None]
         x = self.drop(self.norm(x))
+        if self.encoder is None:  # without interests: self-attention over the sequence only, no regulariser
+            h = self.decoder(x, src_key_padding_mask=seq == 0)  # [B, L, D]
+            return F.normalize(gather_last(h, batch.seq_len), dim=-1), x.new_zeros(())
 
         # padded slots are zero vectors (masked everywhere; only the official regulariser sums their outputs)
         interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype) * imask.unsqueeze(-1)  # [B, K, D]

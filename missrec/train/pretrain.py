@@ -61,6 +61,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         raise ConfigError(f"nonfinite must be 'error' or 'skip', got {cfg.nonfinite!r}")
     from missrec.models.build import missrec_from_config
 
+    if not cfg.missrec.use_interests:
+        raise ConfigError("missrec.use_interests=false is a fine-tuning ablation; pre-training discovers interests")
     w = init_distributed(standalone=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
