@@ -46,3 +46,25 @@ def test_pad_negative_needs_linear_adapters_with_a_bias(override):
         build(RunConfig, [], [override])
     cfg = build(RunConfig, [], [override, "missrec.pad_negative=false"])
     assert not cfg.missrec.pad_negative
+
+
+def test_every_setting_is_read_outside_its_definition():
+    """A setting no code reads is silently ignored when a user sets it (``missrec.use_interests`` once was):
+    each field of each config dataclass must be read (``.name``, ``name=`` or ``"name"``) somewhere in
+    ``missrec/`` or ``launcher/`` besides ``missrec/config.py``."""
+    import dataclasses
+    import inspect
+    import re
+    from pathlib import Path
+
+    import missrec.config as config_module
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [p.read_text() for d in ("missrec", "launcher") for p in (root / d).rglob("*.py")
+               if p != root / "missrec" / "config.py"]
+    classes = [c for _, c in inspect.getmembers(config_module, inspect.isclass)
+               if dataclasses.is_dataclass(c) and c.__module__ == config_module.__name__]
+    assert len(classes) >= 5
+    unread = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
+              if not any(re.search(rf"\.{f.name}\b|[\"']{f.name}[\"']|\b{f.name}=", s) for s in sources)]
+    assert not unread, f"settings nothing reads: {unread}"
