@@ -185,6 +185,27 @@ def test_missrec_index_rerank_equals_full_ranking(transductive_run):
     assert agree["factors"][whole]["equal"] == 1.0
 
 
+def test_missrec_without_interests_serves_its_full_ranking_and_has_no_interest_picture(
+    synthetic_root, tmp_path, sasrec_run
+):
+    """A run of the ablation without interests loads, serves the exact top-10 and rescores as trained; the
+    interest picture refuses it (and a SASRec run) by name instead of failing on an empty token set."""
+    from missrec.transfer.interest_plot import interest_picture
+    from missrec.transfer.rescore import rescore_run
+
+    run = _train(synthetic_root, tmp_path / "noint", *MISSREC, "missrec.mode=inductive", "missrec.use_interests=false")
+    rec = Recommender.from_run(run, QUIET)
+    assert rec.model.encoder is None
+    hist = _test_histories(rec)
+    ids, scores = rec.topk(hist, 10, exclude_history=False, full_ranking=True)
+    _assert_topk_matches(ids, scores, _model_scores(rec, hist), 10)
+    trained = json.loads((run / "metrics.json").read_text())["test"]
+    assert rescore_run(run) == pytest.approx(trained, abs=1e-9)
+    for other in (run, sasrec_run):
+        with pytest.raises(ValueError, match="no interests to draw"):
+            interest_picture(other, tmp_path / "x.png")
+
+
 @pytest.mark.slow
 def test_approximate_indexes_agree_with_exact(inductive_run):
     run, _ = inductive_run

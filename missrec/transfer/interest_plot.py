@@ -39,6 +39,9 @@ def interest_picture(run_dir: str | Path, png: str | Path, tb_dir: str | Path | 
 
     loaded = load_run(run_dir)
     model = loaded.model
+    if not getattr(model, "use_interests", False):
+        raise ValueError(f"{run_dir}: no interests to draw (not a MISSRec run, or trained with "
+                         "missrec.use_interests=false)")
     with torch.no_grad():
         tokens = model.item_tokens()[:, 1:].float().cpu().numpy()  # [M, N, D]
     labels = model.item_interest[1:].cpu().numpy()  # [N, M]
