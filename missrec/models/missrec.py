@@ -296,17 +296,13 @@ class MISSRec(nn.Module):
         if overhead is None:  # a pass costs ~128 positions on a CPU thread; ~4096 guessed for a GPU (launch-bound)
             overhead = 128 if batch.seq.device.type == "cpu" else 4096
         groups = length_groups(batch.seq_len, overhead)
-        if self.use_interests:
-            ids, imask = self._interests(batch)  # [B, K], once for the whole batch
-        else:  # no interests: [B, 0]
-            ids = torch.zeros(len(batch), 0, dtype=torch.long, device=batch.seq.device)
-            imask = torch.zeros(len(batch), 0, dtype=torch.bool, device=batch.seq.device)
+        ids, imask = self._interests(batch)  # [B, K], once for the whole batch
         if len(groups) == 1:
             return self._encode(batch, tokens, lut, ids, imask)
         parts = []
         for g in groups:
             gi, gm = ids[g], imask[g]  # [b, K]
-            if self.interest_reg != "official" and self.use_interests:  # the official one keeps the batch's K
+            if self.interest_reg != "official":  # the official one sums padded slots too: it keeps the batch's K
                 k = max(int(gm.sum(1).max()), 1)  # real ids are left-aligned
                 gi, gm = gi[:, :k], gm[:, :k]
             parts.append(self._encode(batch.select(g), tokens, lut, gi, gm))
@@ -316,7 +312,11 @@ class MISSRec(nn.Module):
         return user, sum(r * len(g) for (_, r), g in zip(parts, groups)) / len(batch)  # a mean over rows
 
     def _interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch's distinct interest ids [B, K] (-1 where padded) and their mask [B, K]."""
+        """A batch's distinct interest ids [B, K] (-1 where padded) and their mask [B, K]; K = 0 without
+        interests (``use_interests=False``)."""
+        if not self.use_interests:
+            empty = torch.zeros(len(batch), 0, dtype=torch.long, device=batch.seq.device)  # [B, 0]
+            return empty, empty.bool()
         ids, imask = self.interest_index().sequence_interests(batch.seq)  # [B, K]
         if self.interest_reg == "official":  # its list holds the padding id too: one more slot where a row has padding
             has_pad = batch.seq_len < self.pos_emb.num_embeddings  # [B] (it pads every history to max_len)
