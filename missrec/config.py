@@ -52,6 +52,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     grad_clip: float = 0.0  # 0 = off
+    # augmentation: each training history item is dropped with this probability, anew every epoch (the
+    # same items from every modality; at least one kept; valid/test untouched). 0 = off, as the official code
+    item_drop: float = 0.0
     # learning-rate decay on a validation plateau: x lr_decay after lr_decay_patience evaluations without
     # a better NDCG@10 (1.0 = off, the official code's constant rate); never below lr_min
     lr_decay: float = 1.0

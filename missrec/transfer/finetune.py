@@ -20,6 +20,7 @@ from torch import nn
 
 from missrec.config import RunConfig, to_dict
 from missrec.data.batching import Batch, iter_split_batches
+from missrec.errors import ConfigError
 from missrec.train.loop import fit
 from missrec.train.rank_zero import RankZero
 
@@ -45,6 +46,9 @@ class DomainData:
         self.batch_size = cfg.train.batch_size
         self.eval_batch_size = cfg.train.eval_batch_size
         self.seed = cfg.train.seed
+        if not 0.0 <= cfg.train.item_drop < 1.0:
+            raise ConfigError(f"train.item_drop must be in [0, 1), got {cfg.train.item_drop}")
+        self.item_drop = cfg.train.item_drop
         self.num_workers = d.num_workers
         shard_dir = _find_shard_dir(root, d.domain)
         if shard_dir is not None:
@@ -85,6 +89,16 @@ class DomainData:
         return math.ceil(self.num_train / self.batch_size)
 
     def train_batches(self, epoch: int) -> Iterable[Batch]:
+        batches = self._train_batches(epoch)
+        if self.item_drop <= 0.0:
+            return batches
+        from missrec.models.losses import drop_items
+
+        # a stream of its own, a function of (seed, epoch): dropout and the batch order are not disturbed
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return (drop_items(b, self.item_drop, gen) for b in batches)
+
+    def _train_batches(self, epoch: int) -> Iterable[Batch]:
         if self.shards is not None:
             return self.shards.batches(
                 "train", self.batch_size, epoch=epoch, seed=self.seed, shuffle=True, max_len=self.max_len,
