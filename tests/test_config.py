@@ -27,6 +27,20 @@ def test_bad_overrides(override, needle):
         build(RunConfig, [], [override])
 
 
+def test_numbers_in_e_notation(tmp_path):
+    # YAML 1.1 (PyYAML) reads "1e-4" without a dot as a string; a float setting must still take it
+    f = tmp_path / "diff.yaml"
+    f.write_text("train:\n  lr: 5e-4\n")
+    cfg = build(RunConfig, [f], ["train.weight_decay=1e-4", "missrec.temperature=7E-2", "train.grad_clip=+2.5e0"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.missrec.temperature, cfg.train.grad_clip) == (
+        5e-4, 1e-4, 0.07, 2.5)
+    for bad in ("train.lr=1e", "train.lr=e-4", "train.lr=1e-4x"):
+        with pytest.raises(ConfigError, match="expected a number"):
+            build(RunConfig, [], [bad])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        build(RunConfig, [], ["train.epochs=1e2"])  # an integer setting stays an integer
+
+
 def test_bad_file_named(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train: [1, 2\n")
