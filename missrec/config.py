@@ -72,6 +72,10 @@ class TrainConfig:
     trace_test: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.item_drop < 1.0:
+            raise ConfigError(f"train.item_drop must be in [0, 1), got {self.item_drop}")
+
 
 @dataclass(frozen=True)
 class SASRecConfig:

@@ -20,7 +20,6 @@ from torch import nn
 
 from missrec.config import RunConfig, to_dict
 from missrec.data.batching import Batch, iter_split_batches
-from missrec.errors import ConfigError
 from missrec.train.loop import fit
 from missrec.train.rank_zero import RankZero
 
@@ -46,9 +45,7 @@ class DomainData:
         self.batch_size = cfg.train.batch_size
         self.eval_batch_size = cfg.train.eval_batch_size
         self.seed = cfg.train.seed
-        if not 0.0 <= cfg.train.item_drop < 1.0:
-            raise ConfigError(f"train.item_drop must be in [0, 1), got {cfg.train.item_drop}")
-        self.item_drop = cfg.train.item_drop
+        self.item_drop = cfg.train.item_drop  # in [0, 1): TrainConfig checks it
         self.num_workers = d.num_workers
         shard_dir = _find_shard_dir(root, d.domain)
         if shard_dir is not None:
