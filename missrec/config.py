@@ -102,6 +102,8 @@ class MISSRecConfig:
     dropout: float = 0.5
     attn_dropout: float = 0.5
     adapter: str = "linear"  # linear | moe
+    # dropout on the frozen features before each adapter (0 in the official MISSRec code; UniSRec uses 0.2)
+    adapter_dropout: float = 0.0
     moe_experts: int = 8
     mode: str = "transductive"  # transductive (with item IDs) | inductive (no IDs)
     temperature: float = 0.07
@@ -130,6 +132,8 @@ class MISSRecConfig:
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ConfigError(f"missrec.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.pad_negative and (self.adapter != "linear" or self.adapter_init != "torch"):
             raise ConfigError(
                 "missrec.pad_negative scores the linear adapters' non-zero biases: it needs missrec.adapter=linear "

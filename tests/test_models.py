@@ -172,3 +172,28 @@ def test_without_interests_the_ablation_has_no_mid_no_encoder_no_cross_attention
     m.length_group_overhead = 0  # rows of each length in their own pass: the same scores
     assert one_pass.shape == (3, 30)
     torch.testing.assert_close(m.full_scores(batch), one_pass, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_dropout_drops_features_in_training_only():
+    plain = _tiny_missrec()
+    dropped = _tiny_missrec(adapter_dropout=0.5)
+    # the same weights at the same seed: the option adds no parameter
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dropped.state_dict().values()))
+    dropped.train()
+    torch.manual_seed(1)
+    a = dropped.item_tokens()  # [M, N + 1, D]
+    b = dropped.item_tokens()
+    assert not torch.allclose(a[:, 1:], b[:, 1:])  # a fresh mask per call
+    assert torch.equal(a[:, 0], b[:, 0])  # the padding row is all zero: its token is the bias, dropped or not
+    dropped.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(dropped.item_tokens(), plain.item_tokens())  # off at evaluation
+
+
+def test_adapter_dropout_out_of_range_is_refused():
+    from missrec.config import MISSRecConfig
+    from missrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="missrec.adapter_dropout"):
+        MISSRecConfig(adapter_dropout=1.0)

@@ -36,7 +36,7 @@ def missrec_from_config(
         num_items, [np.asarray(f) for f in features],
         hidden=m.hidden, max_len=max_len, encoder_layers=m.encoder_layers,
         decoder_layers=m.decoder_layers, heads=m.heads, inner=m.inner, dropout=m.dropout,
-        attn_dropout=m.attn_dropout, adapter=m.adapter, moe_experts=m.moe_experts,
+        attn_dropout=m.attn_dropout, adapter=m.adapter, adapter_dropout=m.adapter_dropout, moe_experts=m.moe_experts,
         use_ids=m.mode == "transductive", temperature=m.temperature, fusion=m.fusion,
         interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
         interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,

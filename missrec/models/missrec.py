@@ -93,6 +93,7 @@ class MISSRec(nn.Module):
         dropout: float = 0.5,
         attn_dropout: float = 0.5,
         adapter: str = "linear",
+        adapter_dropout: float = 0.0,
         moe_experts: int = 8,
         use_ids: bool = True,
         temperature: float = 0.07,
@@ -142,7 +143,7 @@ class MISSRec(nn.Module):
             present.append(torch.cat([torch.zeros(1, dtype=torch.bool), t.abs().sum(1) > 0]))
         self.register_buffer("present", torch.stack(present, dim=1), persistent=False)  # [N + 1, M]
         self.adapters = nn.ModuleList(
-            make_adapter(adapter, int(getattr(self, f"feat{m}").shape[1]), hidden, 0.0, moe_experts)
+            make_adapter(adapter, int(getattr(self, f"feat{m}").shape[1]), hidden, adapter_dropout, moe_experts)
             for m in range(self.num_modalities)
         )
         self.item_id = nn.Embedding(num_items + 1, hidden, padding_idx=0) if use_ids else None
