@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from missrec.config import MISSRecConfig
 from missrec.data.batching import collate
+from missrec.errors import ConfigError
 from missrec.interests import InterestConfig
 from missrec.models.missrec import MISSRec
 from missrec.models.sasrec import SASRec
@@ -178,6 +180,7 @@ def test_adapter_dropout_drops_features_in_training_only():
     plain = _tiny_missrec()
     dropped = _tiny_missrec(adapter_dropout=0.5)
     # the same weights at the same seed: the option adds no parameter
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dropped.state_dict().values()))
     dropped.train()
     torch.manual_seed(1)
@@ -192,8 +195,5 @@ def test_adapter_dropout_drops_features_in_training_only():
 
 
 def test_adapter_dropout_out_of_range_is_refused():
-    from missrec.config import MISSRecConfig
-    from missrec.errors import ConfigError
-
     with pytest.raises(ConfigError, match="missrec.adapter_dropout"):
         MISSRecConfig(adapter_dropout=1.0)
