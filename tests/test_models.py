@@ -197,3 +197,21 @@ def test_adapter_dropout_drops_features_in_training_only():
 def test_adapter_dropout_out_of_range_is_refused():
     with pytest.raises(ConfigError, match="missrec.adapter_dropout"):
         MISSRecConfig(adapter_dropout=1.0)
+
+
+def test_interest_regulariser_scales_and_padded_slots():
+    from missrec.models.losses import interest_regulariser
+
+    # row 0: two real interests (a, b) and one padded slot p; row 1: one real interest c and two padded slots
+    a, b, p, c = (torch.full((4,), v) for v in (1.0, 3.0, 10.0, 2.0))
+    memory = torch.stack([torch.stack([a, b, p]), torch.stack([c, p, p])])  # [B=2, K=3, D=4]
+    imask = torch.tensor([[True, True, False], [True, False, False]])
+    # mean: each row's real outputs averaged ((a+b)/2 = 2, c = 2), squared norm / D averaged over rows
+    assert interest_regulariser(memory, imask, "mean").item() == pytest.approx(4.0)
+    # sum: real outputs summed per row (4 and 2), squared norms / D summed over rows
+    assert interest_regulariser(memory, imask, "sum").item() == pytest.approx(16.0 + 4.0)
+    # official: every slot, padded ones too, times the row's real fraction (2/3 * 14 and 1/3 * 22)
+    expected = (2 / 3 * 14) ** 2 + (1 / 3 * 22) ** 2
+    assert interest_regulariser(memory, imask, "official").item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="interest_reg"):
+        interest_regulariser(memory, imask, "max")

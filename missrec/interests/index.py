@@ -86,6 +86,24 @@ def item_interests_from_labels(
     return out
 
 
+def discover_item_interests(
+    tokens: torch.Tensor, present: torch.Tensor, lo: int, cfg: Any, discover: Any, world_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, ClusterResult]:
+    """MID over every rank's item slice: ``tokens`` [M, n_r, D] adapted tokens of this rank's items
+    ``lo .. lo + n_r`` (:func:`item_slice`), ``present`` [N, M] of all items, ``discover(pool [T_r, D],
+    cfg)`` clusters the pool of every slice in rank order. Returns the interest id per (item, modality)
+    [N, M] (-1: missing), the centroids [C, D] float32 and the clustering result."""
+    present = present.cpu()
+    n = present.shape[0]
+    pool = build_token_pool(tokens, present[lo : lo + tokens.shape[1]])  # [T_r, D], modality-major in the slice
+    result = discover(pool.tokens.numpy(), cfg)
+    labels = torch.as_tensor(np.asarray(result.labels), dtype=torch.long)  # [T] over all slices
+    slices = [item_slice(n, r, world_size) for r in range(world_size)]
+    item_interest = item_interests_from_labels(labels, present, slices)  # [N, M]
+    centroids = torch.as_tensor(np.asarray(result.centroids)).to(torch.float32)  # [C, D]
+    return item_interest, centroids, result
+
+
 class InterestIndex:
     """``item_interest`` [I, M] int64 (-1 = missing modality) and ``centroids`` [C, D] float32."""
 

@@ -9,6 +9,7 @@
 - :func:`offset_contrastive` — the InfoNCE of this rank's rows against candidates gathered from every
   rank (:func:`local_offset` says where this rank's rows sit among them).
 - :func:`pretrain_objective` — MISSRec's pre-training loss, built from the above.
+- :func:`interest_regulariser` — the penalty on the encoded interests, in its three scales.
 """
 
 from __future__ import annotations
@@ -23,6 +24,28 @@ from missrec.data.batching import Batch
 
 if TYPE_CHECKING:
     from missrec.models.missrec import MISSRec
+
+
+def interest_regulariser(memory: torch.Tensor, imask: torch.Tensor, kind: str = "mean") -> torch.Tensor:
+    """The interest regulariser (a scalar) on the encoder outputs ``memory`` [B, K, D] of the interests that
+    ``imask`` [B, K] marks real; D normalises it.
+
+    - ``"mean"`` (the toolkit's default): each row's real outputs averaged, the squared norm averaged over rows;
+    - ``"sum"``: the official scale without padded slots: real outputs summed per row, rows summed;
+    - ``"official"``: the official code's, padded slots included: all K outputs times the row's real fraction.
+    """
+    hidden = memory.shape[-1]
+    w = imask.unsqueeze(-1).to(memory.dtype)  # [B, K, 1]
+    if kind == "official":
+        pooled = (memory * w.mean(1, keepdim=True)).sum(1)  # [B, D]
+        return (pooled * pooled).sum() / hidden
+    if kind == "sum":
+        pooled = (memory * w).sum(1)  # [B, D]
+        return (pooled * pooled).sum() / hidden
+    if kind == "mean":
+        pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
+        return (pooled * pooled).sum(-1).mean() / hidden
+    raise ValueError(f"interest_reg must be 'mean', 'sum' or 'official', got {kind!r}")
 
 
 def in_batch_contrastive(logits: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:

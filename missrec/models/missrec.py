@@ -58,6 +58,7 @@ from torch import nn
 
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
+from missrec.models.losses import interest_regulariser
 from missrec.models.sasrec import gather_last, init_weights
 
 if TYPE_CHECKING:
@@ -231,30 +232,25 @@ class MISSRec(nn.Module):
         if not self.use_interests:
             return {}
         from missrec.interests import InterestConfig, discover_interests
-        from missrec.interests.index import build_token_pool, item_interests_from_labels, item_slice
+        from missrec.interests.index import discover_item_interests, item_slice
 
         t0 = time.perf_counter()
         was_training = self.training
         self.eval()
         lo, hi = item_slice(self.num_items, rank, world_size)
-        tokens = self.adapt(slice(1 + lo, 1 + hi))
+        tokens = self.adapt(slice(1 + lo, 1 + hi))  # [M, n_r, D]
         self.train(was_training)
-        pool = build_token_pool(tokens, self.present[1 + lo : 1 + hi])  # [T_r, D], modality-major in the slice
         cfg = self.interest_cfg if self.interest_cfg is not None else InterestConfig()
-        result = (discover or discover_interests)(pool.tokens.numpy(), cfg)
-        labels = torch.as_tensor(np.asarray(result.labels), dtype=torch.long)  # [T] over all slices
-        slices = [item_slice(self.num_items, r, world_size) for r in range(world_size)]
-        item_interest = item_interests_from_labels(labels, self.present[1:].cpu(), slices)  # [N, M]
-        dev = self.item_interest.device
-        self.item_interest = torch.cat(
-            [torch.full((1, self.num_modalities), -1, dtype=torch.long), item_interest]
-        ).to(dev)  # [N + 1, M]
-        self.centroids = torch.as_tensor(np.asarray(result.centroids)).to(dev, torch.float32)  # [C, D]
+        item_interest, centroids, result = discover_item_interests(
+            tokens, self.present[1:], lo, cfg, discover or discover_interests, world_size
+        )
+        self.set_interest_index(item_interest, centroids)
         sizes = result.cluster_sizes()
         secs = time.perf_counter() - t0
-        log.debug("MID: %d tokens -> %d interests in %.2fs", labels.numel(), len(sizes), secs)
+        n_tokens = len(np.asarray(result.labels))
+        log.debug("MID: %d tokens -> %d interests in %.2fs", n_tokens, len(sizes), secs)
         return {
-            "clusters": float(len(sizes)), "tokens": float(labels.numel()), "seconds": secs,
+            "clusters": float(len(sizes)), "tokens": float(n_tokens), "seconds": secs,
             "max_size": float(sizes.max()), "mean_size": float(sizes.mean()),
         }
 
@@ -350,16 +346,7 @@ class MISSRec(nn.Module):
         # padded slots are zero vectors (masked everywhere; only the official regulariser sums their outputs)
         interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype) * imask.unsqueeze(-1)  # [B, K, D]
         memory = self.encoder(interest, src_key_padding_mask=~imask)  # [B, K, D]
-        w = imask.unsqueeze(-1).to(memory.dtype)  # [B, K, 1]
-        if self.interest_reg == "official":  # padded outputs included, x real fraction, summed over the batch
-            pooled = (memory * w.mean(1, keepdim=True)).sum(1)  # [B, D]
-            reg = (pooled * pooled).sum() / self.hidden
-        elif self.interest_reg == "sum":  # the official scale without padded slots: real outputs summed, over rows
-            pooled = (memory * w).sum(1)  # [B, D]
-            reg = (pooled * pooled).sum() / self.hidden
-        else:  # the mean of the real interests' outputs, averaged over the batch
-            pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
-            reg = (pooled * pooled).sum(-1).mean() / self.hidden
+        reg = interest_regulariser(memory, imask, self.interest_reg)
         h = self.decoder(x, memory, tgt_key_padding_mask=seq == 0, memory_key_padding_mask=~imask)  # [B, L, D]
         user = F.normalize(gather_last(h, batch.seq_len), dim=-1)  # [B, D]
         return user, reg
