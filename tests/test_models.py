@@ -215,3 +215,61 @@ def test_interest_regulariser_scales_and_padded_slots():
     assert interest_regulariser(memory, imask, "official").item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="interest_reg"):
         interest_regulariser(memory, imask, "max")
+
+
+@pytest.mark.parametrize("pad_negative", [False, True])
+def test_history_bias_offsets_only_history_items(pad_negative):
+    kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
+    plain = _tiny_missrec(**kw)
+    biased = _tiny_missrec(history_bias=True, **kw)
+    assert plain.history_bias is None and biased.history_bias is not None
+    biased.load_state_dict(plain.state_dict(), strict=False)  # same weights; the offset starts at 0
+    for m in (plain, biased):
+        m.eval()
+    batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)  # 0-based items; item 2 twice
+    base = plain.full_scores(batch)
+    assert torch.equal(biased.full_scores(batch), base)  # offset 0: the plain model
+    with torch.no_grad():
+        biased.history_bias.fill_(-0.5)
+    diff = biased.full_scores(batch) - base  # [2, 12]
+    hist = torch.zeros(2, 12, dtype=torch.bool)
+    hist[0, [1, 2]] = True
+    hist[1, 5] = True
+    assert torch.allclose(diff[hist], torch.full((3,), -0.5 / biased.temperature))  # once per item, repeats too
+    assert torch.equal(diff[~hist], torch.zeros(int((~hist).sum())))
+    # the training loss sees the same offset (with pad_negative its columns start at the padding row)
+    lo_plain, lo_biased = plain.loss(batch)["ce"], biased.loss(batch)["ce"]
+    assert lo_biased < lo_plain  # the targets are not in the histories: pushing history items down helps
+    lo_biased.backward()
+    assert biased.history_bias.grad is not None and biased.history_bias.grad.item() > 0
+    # parameter-efficient fine-tuning trains it
+    biased.set_trainable("adapters")
+    assert biased.history_bias.requires_grad
+
+
+def test_sasrec_history_bias_offsets_history_items_and_needs_the_last_objective():
+    from missrec.models.sasrec import HISTORY_SCALE
+
+    torch.manual_seed(0)
+    m = SASRec(20, max_len=8, hidden=16, heads=2, inner=32, history_bias=True).eval()
+    batch = collate([(0, [1, 2, 3], 4), (1, [5], 6)], max_len=8)
+    base = m.full_scores(batch)
+    with torch.no_grad():
+        m.history_bias.fill_(-0.2)
+    diff = m.full_scores(batch) - base
+    hist = torch.zeros(2, 20, dtype=torch.bool)
+    hist[0, [1, 2, 3]] = True
+    hist[1, 5] = True
+    assert torch.allclose(diff[hist], torch.full((4,), -0.2 * HISTORY_SCALE))
+    assert torch.equal(diff[~hist], torch.zeros(int((~hist).sum())))
+    with pytest.raises(ValueError, match="objective='last'"):
+        SASRec(20, history_bias=True, objective="causal")
+
+
+def test_checkpoint_without_history_offset_loads_as_offset_zero():
+    plain = _tiny_missrec()
+    biased = _tiny_missrec(history_bias=True)
+    biased.load_state_dict(plain.state_dict())  # strict: a run saved before the offset existed
+    assert biased.history_bias.item() == 0.0
+    with pytest.raises(RuntimeError, match="history_bias"):
+        plain.load_state_dict(biased.state_dict())  # the other way round is a mismatched config

@@ -374,3 +374,22 @@ def test_add_items_refused_for_id_models(transductive_run, sasrec_run):
     assert rec.num_items == rec.index.ntotal == 160
     with pytest.raises(TransductiveItemsError, match="SASRec"):
         Recommender.from_run(sasrec_run, QUIET).add_items({}, ["X-1"])
+
+
+@pytest.mark.slow
+def test_learned_history_offset_is_served_when_history_items_are_kept(transductive_run):
+    rec = Recommender.from_run(transductive_run, QUIET)
+    model = rec.model
+    assert model.history_bias is not None  # the default, missrec.history_bias=true
+    with torch.no_grad():
+        model.history_bias.fill_(-0.05)
+    assert rec.scorer.history_offset == pytest.approx(-0.05 / model.temperature)
+    hist = _test_histories(rec)[:64]
+    ref = _model_scores(rec, hist)  # the model's own scores, offset included
+    whole = -(-rec.num_items // 10)
+    for kw in ({"full_ranking": True}, {"candidate_factor": whole}):
+        ids, scores = rec.topk(hist, 10, exclude_history=False, **kw)
+        _assert_topk_matches(ids, scores, ref, 10)
+    # excluding history items still drops them whatever the offset
+    ids, _ = rec.topk(hist, 10, exclude_history=True, full_ranking=True)
+    assert all(not set(ids[r].tolist()) & set(h) for r, h in enumerate(hist))

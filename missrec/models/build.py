@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 def build_sasrec(s: SASRecConfig, num_items: int, max_len: int) -> SASRec:
     """SASRec with the settings of ``s`` over ``num_items`` items."""
-    return SASRec(num_items, max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout, s.objective)
+    return SASRec(num_items, max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout, s.objective,
+                  s.history_bias)
 
 
 def missrec_from_config(
@@ -41,6 +42,7 @@ def missrec_from_config(
         interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
         interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,
         length_group_overhead=m.length_group_overhead, use_interests=m.use_interests,
+        history_bias=m.history_bias,
     )
 
 

@@ -58,6 +58,7 @@ from torch import nn
 
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
+from missrec.models.history import history_mask
 from missrec.models.losses import interest_regulariser
 from missrec.models.sasrec import gather_last, init_weights
 
@@ -107,6 +108,7 @@ class MISSRec(nn.Module):
         pad_negative: bool = False,
         length_group_overhead: int | None = None,
         use_interests: bool = True,
+        history_bias: bool = False,
     ) -> None:
         super().__init__()
         if not features:
@@ -169,6 +171,8 @@ class MISSRec(nn.Module):
             self.decoder = _self_attention_stack(hidden, heads, inner, dropout, attn_dropout, decoder_layers,
                                                  final_norm)
         self.fusion_factor = nn.Parameter(torch.zeros(1))  # [1]: engines cannot broadcast 0-d tensors
+        # a learned offset, in cosine units, of the items already in the history (0: plain MISSRec)
+        self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(1, hidden))
@@ -212,6 +216,9 @@ class MISSRec(nn.Module):
         key = prefix + "fusion_factor"
         if key in state_dict and state_dict[key].dim() == 0:  # saved before it became [1]
             state_dict[key] = state_dict[key].reshape(1)
+        key = prefix + "history_bias"
+        if self.history_bias is not None and key not in state_dict:  # saved without the offset: it is 0
+            state_dict[key] = torch.zeros_like(self.history_bias)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ interests
@@ -380,11 +387,20 @@ class MISSRec(nn.Module):
             fused = (user @ F.normalize(idw, dim=-1).T + 2 * fused) / 3
         return fused / self.temperature
 
+    def add_history_bias(self, scores: torch.Tensor, seq: torch.Tensor, first: int = 1) -> torch.Tensor:
+        """``scores`` [B, C] whose column j is item value ``first + j`` (item index + 1; 0 = padding) with the
+        learned history offset added where the item is in the row's history ``seq`` [B, L]; unchanged
+        without ``history_bias``."""
+        if self.history_bias is None:
+            return scores
+        hist = history_mask(seq, scores.shape[1], first)  # [B, C]
+        return scores + hist.to(scores.dtype) * (self.history_bias / self.temperature)
+
     def full_scores(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]."""
         tokens = self.item_tokens()
         user, _ = self.encode(batch, tokens)
-        return self.score(user, tokens)
+        return self.add_history_bias(self.score(user, tokens), batch.seq)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Fine-tuning: full-softmax cross-entropy over all items + the interest regulariser."""
@@ -394,9 +410,10 @@ class MISSRec(nn.Module):
             present = self.present.clone()
             present[0] = True
             idw = self.item_id.weight if self.item_id is not None else None
-            ce = F.cross_entropy(self.fuse(user, tokens, present, idw), batch.target + 1)
+            logits = self.add_history_bias(self.fuse(user, tokens, present, idw), batch.seq, first=0)  # [B, N + 1]
+            ce = F.cross_entropy(logits, batch.target + 1)
         else:
-            ce = F.cross_entropy(self.score(user, tokens), batch.target)
+            ce = F.cross_entropy(self.add_history_bias(self.score(user, tokens), batch.seq), batch.target)
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
     def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

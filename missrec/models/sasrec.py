@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from missrec.data.batching import Batch
+from missrec.models.history import history_mask
+
+HISTORY_SCALE = 1 / 0.07  # SASRec's history offset, in logits per unit of its parameter
 
 
 def gather_last(hidden: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
@@ -56,10 +59,13 @@ class SASRec(nn.Module):
         dropout: float = 0.5,
         attn_dropout: float = 0.5,
         objective: str = "last",
+        history_bias: bool = False,
     ) -> None:
         super().__init__()
         if objective not in ("causal", "last"):
             raise ValueError(f"objective must be 'causal' or 'last', got {objective!r}")
+        if history_bias and objective != "last":
+            raise ValueError("history_bias needs objective='last' (one history per row)")
         self.objective = objective
         # which training rows the data layer should feed (see the module docstring)
         self.train_rows = "last_per_user" if objective == "causal" else "all"
@@ -75,6 +81,9 @@ class SASRec(nn.Module):
         # attention dropout is a separate knob in SASRec/RecBole
         layer.self_attn.dropout = attn_dropout
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # a learned offset of the items already in the history (missrec.models.history), in units of
+        # HISTORY_SCALE logits so that Adam moves it about as fast as MISSRec's (cosine units over τ = 0.07)
+        self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
         self.apply(init_weights)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
@@ -95,7 +104,10 @@ class SASRec(nn.Module):
 
     def full_scores(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]."""
-        return self.encode(batch) @ self.item_emb.weight[1:].T
+        scores = self.encode(batch) @ self.item_emb.weight[1:].T
+        if self.history_bias is None:
+            return scores
+        return scores + history_mask(batch.seq, scores.shape[1]).to(scores.dtype) * (self.history_bias * HISTORY_SCALE)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.objective == "last":

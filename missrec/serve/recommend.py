@@ -7,7 +7,8 @@
 
 Per query: encode the history with the model, fetch a candidate pool of ``k * candidate_factor`` items
 (plus the history length when history items are excluded) from the index, re-rank the pool with the
-model's exact score, keep the top k. For SASRec (and MISSRec with one modality, ``fusion="mean"`` or
+model's exact score (with the model's learned offset of history items when they are kept and it has
+one, ``missrec.history_bias``), keep the top k. For SASRec (and MISSRec with one modality, ``fusion="mean"`` or
 a zero fusion factor) the index ranking is already exact; otherwise see :mod:`missrec.serve.scorers`.
 """
 
@@ -241,6 +242,7 @@ class Recommender:
         batch = collate([(0, h, 0) for h in histories], self.max_len)
         user = self.scorer.encode(batch)  # [B, D]
         seen = [np.unique(np.asarray(h, dtype=np.int64)) for h in histories]
+        offset = self.scorer.history_offset  # the model's learned offset of history items (0: none)
         if full:
             scores = self.scorer.full_scores(user).float()  # [B, N]
             cand = None
@@ -254,9 +256,10 @@ class Recommender:
             pos = torch.from_numpy(np.searchsorted(uniq, np.clip(cand, 0, None)))  # [B, P]
             scores = exact.gather(1, pos.to(exact.device))
             scores = scores.masked_fill(torch.from_numpy(cand < 0).to(scores.device), float("-inf"))
-        if exclude:
+        if exclude or offset:
             rows, cols = self._history_cells(seen, cand)
-            scores[rows.to(scores.device), cols.to(scores.device)] = float("-inf")
+            rows, cols = rows.to(scores.device), cols.to(scores.device)
+            scores[rows, cols] = float("-inf") if exclude else scores[rows, cols] + offset
         top, arg = scores.topk(min(k, scores.shape[1]), dim=1)  # [B, k']
         arg = arg.cpu().numpy()
         ids = arg if cand is None else np.take_along_axis(cand, arg, axis=1)

@@ -68,6 +68,14 @@ class SASRecScorer:
         self.num_items = int(model.num_items)
         self.dim = int(self.weight.shape[1])
 
+    @property
+    def history_offset(self) -> float:
+        """What the model adds to the scores of items in the history (its learned ``history_bias``; 0 without)."""
+        from missrec.models.sasrec import HISTORY_SCALE
+
+        b = getattr(self.model, "history_bias", None)
+        return 0.0 if b is None else float(b.detach()) * HISTORY_SCALE
+
     @torch.no_grad()
     def encode(self, batch: Batch) -> torch.Tensor:
         """User vectors [B, D]."""
@@ -110,6 +118,12 @@ class MISSRecScorer:
     @property
     def num_items(self) -> int:
         return int(self.model.num_items)
+
+    @property
+    def history_offset(self) -> float:
+        """What the model adds to the scores of items in the history (its learned ``history_bias`` / τ; 0 without)."""
+        m = self.model
+        return 0.0 if m.history_bias is None else float(m.history_bias.detach()) / m.temperature
 
     @property
     def proxy_is_exact(self) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
     ds_cfg = deepspeed_config(read_ds_config(ds_source), cfg, w.size, ds_source)
     data = MultiDomainData(cfg.data, cfg.features, cfg.domain_weights, cfg.max_len)
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
-    model = missrec_from_config(cfg.missrec, data.num_items, data.features, cfg.max_len, cfg.seed)
+    # the history offset is a fine-tuning term (pre-training scores in-batch candidates): none here
+    model = missrec_from_config(replace(cfg.missrec, history_bias=False), data.num_items, data.features, cfg.max_len,
+                                cfg.seed)
     model.set_trainable("all")
     run_dir = Path(cfg.output_dir)
     rz = RankZero(run_dir, rank=w.rank)
