@@ -90,6 +90,11 @@ class SASRecConfig:
     objective: str = "last"  # last: per prefix row (RecBole, the paper's row) | causal: every position of a user's longest row
     history_bias: bool = False  # learn one offset for the items already in the history (as missrec.history_bias)
 
+    def __post_init__(self) -> None:
+        if self.history_bias and self.objective != "last":
+            raise ConfigError("sasrec.history_bias needs sasrec.objective=last (one history per row), got "
+                              f"{self.objective!r}")
+
 
 @dataclass(frozen=True)
 class MISSRecConfig:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.config import MISSRecConfig
+from missrec.config import MISSRecConfig, SASRecConfig
 from missrec.data.batching import collate
 from missrec.errors import ConfigError
 from missrec.interests import InterestConfig
@@ -264,6 +264,8 @@ def test_sasrec_history_bias_offsets_history_items_and_needs_the_last_objective(
     assert torch.equal(diff[~hist], torch.zeros(int((~hist).sum())))
     with pytest.raises(ValueError, match="objective='last'"):
         SASRec(20, history_bias=True, objective="causal")
+    with pytest.raises(ConfigError, match="sasrec.objective=last"):
+        SASRecConfig(history_bias=True, objective="causal")
 
 
 def test_checkpoint_without_history_offset_loads_as_offset_zero():

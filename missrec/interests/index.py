@@ -8,7 +8,7 @@ clustering and get interest -1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,8 @@ def item_interests_from_labels(
 
 
 def discover_item_interests(
-    tokens: torch.Tensor, present: torch.Tensor, lo: int, cfg: Any, discover: Any, world_size: int = 1
+    tokens: torch.Tensor, present: torch.Tensor, lo: int, cfg: Any,
+    discover: Callable[[np.ndarray, Any], ClusterResult], world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, ClusterResult]:
     """MID over every rank's item slice: ``tokens`` [M, n_r, D] adapted tokens of this rank's items
     ``lo .. lo + n_r`` (:func:`item_slice`), ``present`` [N, M] of all items, ``discover(pool [T_r, D],

@@ -15,6 +15,9 @@ adapter into the model width. Then:
 - **Scoring with dynamic fusion** — per modality the cosine between the user and the normalised item
   token; fused with softmax weights over the item's present modalities, ``softmax(cos_m * a)`` with a
   learnable scalar ``a`` (0 = plain mean); transductive: ``(cos_id + 2 * fused) / 3``; divided by τ.
+- **History offset** (``history_bias``, the toolkit's default; not in the paper) — one learned scalar
+  added, over τ, to the score of every item already in the row's history, in the loss and in ranking
+  (:mod:`missrec.models.history`); 0 gives the paper's model.
 
 Differences from the official code (gimpong/MM23-MISSRec), on purpose:
 
