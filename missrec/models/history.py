@@ -3,7 +3,8 @@
 Both models can learn one offset for these items (``history_bias``): in the Amazon data a user rarely
 takes the same item again (0.85 % of the scientific_mm targets are in their history), while a sequence
 model scores the items it was fed high (about 2 of a plain MISSRec's top 10 on scientific_mm are history
-items). The offset is learned in training like any weight; ranking stays over all items.
+items). The offset is learned in training like any weight; ranking stays over all items. Each model
+says what its offset is in logits (``history_offset()``); :func:`add_history_offset` applies it.
 """
 
 from __future__ import annotations
@@ -20,3 +21,13 @@ def history_mask(seq: torch.Tensor, columns: int, first: int = 1) -> torch.Tenso
     mask = torch.zeros(seq.shape[0], columns, dtype=torch.bool, device=seq.device)
     mask[rows[valid], cols[valid]] = True
     return mask
+
+
+def add_history_offset(
+    scores: torch.Tensor, seq: torch.Tensor, offset: torch.Tensor | None, first: int = 1
+) -> torch.Tensor:
+    """``scores`` [B, C] (column j = item value ``first + j``) with ``offset`` (logits, [1]) added where the
+    item is in the row's history ``seq`` [B, L]; unchanged when ``offset`` is None (no learned offset)."""
+    if offset is None:
+        return scores
+    return scores + history_mask(seq, scores.shape[1], first).to(scores.dtype) * offset

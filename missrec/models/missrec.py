@@ -61,7 +61,7 @@ from torch import nn
 
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
-from missrec.models.history import history_mask
+from missrec.models.history import add_history_offset
 from missrec.models.losses import interest_regulariser
 from missrec.models.sasrec import gather_last, init_weights
 
@@ -390,20 +390,15 @@ class MISSRec(nn.Module):
             fused = (user @ F.normalize(idw, dim=-1).T + 2 * fused) / 3
         return fused / self.temperature
 
-    def add_history_bias(self, scores: torch.Tensor, seq: torch.Tensor, first: int = 1) -> torch.Tensor:
-        """``scores`` [B, C] whose column j is item value ``first + j`` (item index + 1; 0 = padding) with the
-        learned history offset added where the item is in the row's history ``seq`` [B, L]; unchanged
-        without ``history_bias``."""
-        if self.history_bias is None:
-            return scores
-        hist = history_mask(seq, scores.shape[1], first)  # [B, C]
-        return scores + hist.to(scores.dtype) * (self.history_bias / self.temperature)
+    def history_offset(self) -> torch.Tensor | None:
+        """The learned offset of history items in logits, β / τ [1]; None without ``history_bias``."""
+        return None if self.history_bias is None else self.history_bias / self.temperature
 
     def full_scores(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]."""
         tokens = self.item_tokens()
         user, _ = self.encode(batch, tokens)
-        return self.add_history_bias(self.score(user, tokens), batch.seq)
+        return add_history_offset(self.score(user, tokens), batch.seq, self.history_offset())
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Fine-tuning: full-softmax cross-entropy over all items + the interest regulariser."""
@@ -413,10 +408,11 @@ class MISSRec(nn.Module):
             present = self.present.clone()
             present[0] = True
             idw = self.item_id.weight if self.item_id is not None else None
-            logits = self.add_history_bias(self.fuse(user, tokens, present, idw), batch.seq, first=0)  # [B, N + 1]
+            logits = add_history_offset(self.fuse(user, tokens, present, idw), batch.seq, self.history_offset(), 0)
             ce = F.cross_entropy(logits, batch.target + 1)
         else:
-            ce = F.cross_entropy(self.add_history_bias(self.score(user, tokens), batch.seq), batch.target)
+            ce = F.cross_entropy(add_history_offset(self.score(user, tokens), batch.seq, self.history_offset()),
+                                 batch.target)
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
     def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

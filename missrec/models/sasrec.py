@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from missrec.data.batching import Batch
-from missrec.models.history import history_mask
+from missrec.models.history import add_history_offset
 
 HISTORY_SCALE = 1 / 0.07  # SASRec's history offset, in logits per unit of its parameter
 
@@ -104,10 +104,11 @@ class SASRec(nn.Module):
 
     def full_scores(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]."""
-        scores = self.encode(batch) @ self.item_emb.weight[1:].T
-        if self.history_bias is None:
-            return scores
-        return scores + history_mask(batch.seq, scores.shape[1]).to(scores.dtype) * (self.history_bias * HISTORY_SCALE)
+        return add_history_offset(self.encode(batch) @ self.item_emb.weight[1:].T, batch.seq, self.history_offset())
+
+    def history_offset(self) -> torch.Tensor | None:
+        """The learned offset of history items in logits [1]; None without ``history_bias``."""
+        return None if self.history_bias is None else self.history_bias * HISTORY_SCALE
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.objective == "last":

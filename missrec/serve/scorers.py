@@ -40,6 +40,7 @@ class ItemScorer(Protocol):
     num_items: int
     dim: int  # index vector width
     proxy_is_exact: bool  # the index inner product ranks exactly as the model's score
+    history_offset: float  # what the model adds to the scores of history items, in logits (0: nothing)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """User vectors [B, D]."""
@@ -57,6 +58,13 @@ class ItemScorer(Protocol):
         """The model's exact scores of every item: [B, num_items]."""
 
 
+def _history_offset(model: nn.Module) -> float:
+    """What ``model`` adds to the scores of items in the history, in logits (its learned ``history_bias``;
+    0 without)."""
+    off = model.history_offset()
+    return 0.0 if off is None else float(off.detach())
+
+
 class SASRecScorer:
     """Index vectors = item embeddings; the index ranking is exact."""
 
@@ -70,11 +78,8 @@ class SASRecScorer:
 
     @property
     def history_offset(self) -> float:
-        """What the model adds to the scores of items in the history (its learned ``history_bias``; 0 without)."""
-        from missrec.models.sasrec import HISTORY_SCALE
-
-        b = getattr(self.model, "history_bias", None)
-        return 0.0 if b is None else float(b.detach()) * HISTORY_SCALE
+        """What the model adds to the scores of history items, in logits (0 without a learned offset)."""
+        return _history_offset(self.model)
 
     @torch.no_grad()
     def encode(self, batch: Batch) -> torch.Tensor:
@@ -121,9 +126,8 @@ class MISSRecScorer:
 
     @property
     def history_offset(self) -> float:
-        """What the model adds to the scores of items in the history (its learned ``history_bias`` / τ; 0 without)."""
-        m = self.model
-        return 0.0 if m.history_bias is None else float(m.history_bias.detach()) / m.temperature
+        """What the model adds to the scores of history items, in logits (0 without a learned offset)."""
+        return _history_offset(self.model)
 
     @property
     def proxy_is_exact(self) -> bool:
