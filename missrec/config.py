@@ -139,6 +139,9 @@ class MISSRecConfig:
     # scientific_mm targets), added to their scores in fine-tuning and ranking (pre-training has none); false:
     # the paper's model (missrec.models.history, docs/results.md)
     history_bias: bool = True
+    # how the offset learns: false, jointly (the model trains through it); true, beside the model (the model trains
+    # on its plain scores as the paper's, the offset on a second cross-entropy of those scores, detached)
+    history_bias_detach: bool = False
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:

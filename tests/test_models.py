@@ -247,6 +247,48 @@ def test_history_bias_offsets_only_history_items(pad_negative):
     assert biased.history_bias.requires_grad
 
 
+@pytest.mark.parametrize("pad_negative", [False, True])
+def test_detached_history_offset_leaves_the_model_gradients_of_the_plain_loss(pad_negative):
+    kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
+    plain = _tiny_missrec(**kw)
+    joint = _tiny_missrec(history_bias=True, **kw)
+    detached = _tiny_missrec(history_bias=True, history_bias_detach=True, **kw)
+    batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
+    for m in (joint, detached):
+        m.load_state_dict(plain.state_dict(), strict=False)
+        with torch.no_grad():
+            m.history_bias.fill_(-0.5)
+    losses = {}
+    for name, m in (("plain", plain), ("joint", joint), ("detached", detached)):
+        m.eval()  # no dropout: the three see the same scores
+        losses[name] = m.loss(batch)["ce"]
+        losses[name].backward()
+    # the value: the plain cross-entropy plus the one with the offset
+    assert losses["detached"].item() == pytest.approx(losses["plain"].item() + losses["joint"].item(), rel=1e-6)
+    grads = {n: {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+             for n, m in (("plain", plain), ("joint", joint), ("detached", detached))}
+    model_keys = set(grads["plain"])
+    assert model_keys and set(grads["detached"]) == model_keys | {"history_bias"}
+    for k in model_keys:  # the model learns as without the offset ...
+        assert torch.allclose(grads["detached"][k], grads["plain"][k], atol=1e-6), k
+    differs = [k for k in model_keys if not torch.allclose(grads["joint"][k], grads["plain"][k], atol=1e-6)]
+    assert differs  # ... where the joint offset changes what it learns
+    # ... and the offset learns as the joint one does
+    assert torch.allclose(grads["detached"]["history_bias"], grads["joint"]["history_bias"])
+    # ranking adds it either way
+    assert torch.equal(detached.full_scores(batch), joint.full_scores(batch))
+
+
+def test_history_bias_detach_reaches_the_model_from_the_config():
+    from missrec.models.build import missrec_from_config
+
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(12, 8)).astype(np.float32)]
+    cfg = MISSRecConfig(hidden=16, heads=2, inner=32, history_bias_detach=True)
+    assert missrec_from_config(cfg, 12, feats, 10, 0).history_bias_detach
+    assert not missrec_from_config(MISSRecConfig(hidden=16, heads=2, inner=32), 12, feats, 10, 0).history_bias_detach
+
+
 def test_sasrec_history_bias_offsets_history_items_and_needs_the_last_objective():
     from missrec.models.sasrec import HISTORY_SCALE
 

@@ -61,7 +61,7 @@ from torch import nn
 
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
-from missrec.models.history import add_history_offset
+from missrec.models.history import add_history_offset, history_cross_entropy
 from missrec.models.losses import interest_regulariser
 from missrec.models.sasrec import gather_last, init_weights
 
@@ -112,6 +112,7 @@ class MISSRec(nn.Module):
         length_group_overhead: int | None = None,
         use_interests: bool = True,
         history_bias: bool = False,
+        history_bias_detach: bool = False,
     ) -> None:
         super().__init__()
         if not features:
@@ -176,6 +177,7 @@ class MISSRec(nn.Module):
         self.fusion_factor = nn.Parameter(torch.zeros(1))  # [1]: engines cannot broadcast 0-d tensors
         # a learned offset, in cosine units, of the items already in the history (0: plain MISSRec)
         self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
+        self.history_bias_detach = history_bias_detach  # the offset learns beside the model, not through it
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(1, hidden))
@@ -408,11 +410,11 @@ class MISSRec(nn.Module):
             present = self.present.clone()
             present[0] = True
             idw = self.item_id.weight if self.item_id is not None else None
-            logits = add_history_offset(self.fuse(user, tokens, present, idw), batch.seq, self.history_offset(), 0)
-            ce = F.cross_entropy(logits, batch.target + 1)
+            ce = history_cross_entropy(self.fuse(user, tokens, present, idw), batch.target + 1, batch.seq,
+                                       self.history_offset(), 0, self.history_bias_detach)
         else:
-            ce = F.cross_entropy(add_history_offset(self.score(user, tokens), batch.seq, self.history_offset()),
-                                 batch.target)
+            ce = history_cross_entropy(self.score(user, tokens), batch.target, batch.seq, self.history_offset(),
+                                       1, self.history_bias_detach)
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
     def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
