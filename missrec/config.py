@@ -22,6 +22,8 @@ from missrec.errors import ConfigError
 
 T = TypeVar("T")
 
+HISTORY_BIAS_FITS = ("loss", "detached", "validation")  # how missrec.history_bias is fit (missrec.models.history)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -139,12 +141,17 @@ class MISSRecConfig:
     # scientific_mm targets), added to their scores in fine-tuning and ranking (pre-training has none); false:
     # the paper's model (missrec.models.history, docs/results.md)
     history_bias: bool = True
-    # how the offset learns: false, jointly (the model trains through it); true, beside the model (the model trains
-    # on its plain scores as the paper's, the offset on a second cross-entropy of those scores, detached)
-    history_bias_detach: bool = False
+    # how the offset is fit: loss (learned in the loss, the model trains through it) | detached (learned beside the
+    # model: the model trains on its plain scores as the paper's, the offset on a second cross-entropy of those
+    # scores, detached) | validation (the model trains as the paper's; at each validation the offset is the value
+    # of models.history.OFFSET_GRID with the best validation NDCG@10, the selection metric)
+    history_bias_fit: str = "loss"
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:
+        if self.history_bias_fit not in HISTORY_BIAS_FITS:
+            raise ConfigError(f"missrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
+                              f"got {self.history_bias_fit!r}")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ConfigError(f"missrec.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.pad_negative and (self.adapter != "linear" or self.adapter_init != "torch"):

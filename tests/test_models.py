@@ -252,7 +252,7 @@ def test_detached_history_offset_leaves_the_model_gradients_of_the_plain_loss(pa
     kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
     plain = _tiny_missrec(**kw)
     joint = _tiny_missrec(history_bias=True, **kw)
-    detached = _tiny_missrec(history_bias=True, history_bias_detach=True, **kw)
+    detached = _tiny_missrec(history_bias=True, history_bias_fit="detached", **kw)
     batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
     for m in (joint, detached):
         m.load_state_dict(plain.state_dict(), strict=False)
@@ -279,14 +279,81 @@ def test_detached_history_offset_leaves_the_model_gradients_of_the_plain_loss(pa
     assert torch.equal(detached.full_scores(batch), joint.full_scores(batch))
 
 
-def test_history_bias_detach_reaches_the_model_from_the_config():
+def test_history_bias_fit_reaches_the_model_from_the_config():
     from missrec.models.build import missrec_from_config
 
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(12, 8)).astype(np.float32)]
-    cfg = MISSRecConfig(hidden=16, heads=2, inner=32, history_bias_detach=True)
-    assert missrec_from_config(cfg, 12, feats, 10, 0).history_bias_detach
-    assert not missrec_from_config(MISSRecConfig(hidden=16, heads=2, inner=32), 12, feats, 10, 0).history_bias_detach
+    for fit in ("loss", "detached", "validation"):
+        cfg = MISSRecConfig(hidden=16, heads=2, inner=32, history_bias_fit=fit)
+        assert missrec_from_config(cfg, 12, feats, 10, 0).history_bias_fit == fit
+    with pytest.raises(ConfigError, match="history_bias_fit"):
+        MISSRecConfig(history_bias_fit="learned")
+
+
+@pytest.mark.parametrize("pad_negative", [False, True])
+def test_offset_fit_on_validation_is_a_buffer_outside_the_loss(pad_negative):
+    kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
+    plain = _tiny_missrec(**kw)
+    validated = _tiny_missrec(history_bias=True, history_bias_fit="validation", **kw)
+    validated.load_state_dict(plain.state_dict())  # strict: the offset is filled with 0
+    assert "history_bias" in dict(validated.named_buffers())
+    assert "history_bias" not in dict(validated.named_parameters())
+    validated.set_history_offset(-3.0)
+    assert validated.history_offset().item() == pytest.approx(-3.0)
+    assert validated.offset_grid() is not None and plain.offset_grid() is None
+    assert _tiny_missrec(history_bias=True).offset_grid() is None  # learned in the loss: no grid
+    for m in (plain, validated):
+        m.eval()
+    batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
+    # the model trains as the plain one; ranking adds the offset
+    assert torch.equal(validated.loss(batch)["ce"], plain.loss(batch)["ce"])
+    diff = validated.full_scores(batch) - plain.full_scores(batch)
+    assert diff[0, 1].item() == pytest.approx(-3.0) and diff[0, 4].item() == 0.0
+    assert validated.set_trainable("all") == plain.set_trainable("all")  # nothing to train in the offset
+    with pytest.raises(ValueError, match="no history offset"):
+        plain.set_history_offset(-1.0)
+
+
+class _FixedScores(torch.nn.Module):
+    """Plain scores given per user id, plus the offset on history items (as a model's full_scores)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.tensor(table, dtype=torch.float32)  # [users, N]
+        self.register_buffer("offset", torch.zeros(1))
+
+    def history_offset(self):
+        return self.offset
+
+    def set_history_offset(self, logits):
+        self.offset.fill_(logits)
+
+    def full_scores(self, batch):
+        from missrec.models.history import add_history_offset
+
+        return add_history_offset(self.table[batch.user], batch.seq, self.offset)
+
+
+def test_fit_offset_on_validation_picks_the_best_offset_of_the_grid_and_sets_it():
+    from missrec.models.history import fit_offset_on_validation
+    from missrec.train.loop import evaluate
+
+    # user 0: history items 0, 1 above the target 2; user 1: the target (3) repeats its history item
+    model = _FixedScores([[5.0, 4.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.5, 5.0, 1.0]])
+    model.set_history_offset(-7.0)  # the current offset is not used to choose
+    batch = collate([(0, [0, 1], 2), (1, [3], 3)], max_len=4)
+    grid = (0.0, -1.5, -3.0, -100.0)
+    offset, metrics = fit_offset_on_validation(model, [batch], torch.device("cpu"), grid)
+    # 0: ranks 3 and 1; -1.5: 2 and 1; -3: 1 and 1 (5 - 3 = 2 still above 1.0); -100: 1 and 5
+    assert offset == -3.0 and model.history_offset().item() == -3.0
+    assert metrics["ndcg@10"] == pytest.approx(1.0)
+    assert evaluate(model, [batch], torch.device("cpu")) == metrics  # what it reports is what the model now scores
+    # ties go to the first offset of the grid
+    assert fit_offset_on_validation(model, [batch], torch.device("cpu"), (-3.0, -3.5))[0] == -3.0
+    assert fit_offset_on_validation(model, [batch], torch.device("cpu"), (-3.5, -3.0))[0] == -3.5
+    with pytest.raises(ValueError, match="at least one"):
+        fit_offset_on_validation(model, [batch], torch.device("cpu"), ())
 
 
 def test_sasrec_history_bias_offsets_history_items_and_needs_the_last_objective():

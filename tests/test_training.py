@@ -83,3 +83,18 @@ def test_finetune_from_backbone_saves_small_adapter(synthetic_root, tmp_path):
     other.write_bytes(backbone.read_bytes() + b"x")
     with pytest.raises(BackboneMismatchError, match="sha256"):
         load_adapter(model, tmp_path / "tuned" / "adapter.pt", other)
+
+
+@pytest.mark.slow
+def test_offset_fit_on_validation_is_chosen_each_validation_and_saved_with_the_best_state(synthetic_root, tmp_path):
+    from missrec.models.history import OFFSET_GRID
+
+    m = _run(synthetic_root, tmp_path, "validated", "model=missrec", "missrec.mode=inductive",
+             "data.features=[feat1CLS,feat3CLS]", "missrec.history_bias_fit=validation", "train.epochs=3")
+    hist = json.loads((tmp_path / "validated" / "history.json").read_text())
+    assert len(hist) == 3 and all(h["history_offset"] in OFFSET_GRID for h in hist)
+    best = next(h for h in hist if h["epoch"] == m["best_epoch"])
+    assert m["valid"]["ndcg@10"] == best["ndcg@10"]
+    saved = torch.load(tmp_path / "validated" / "best.pt", weights_only=False)["model"]["history_bias"]
+    tau = RunConfig().missrec.temperature
+    assert saved.item() == pytest.approx(best["history_offset"] * tau)

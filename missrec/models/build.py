@@ -42,7 +42,7 @@ def missrec_from_config(
         interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
         interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,
         length_group_overhead=m.length_group_overhead, use_interests=m.use_interests,
-        history_bias=m.history_bias, history_bias_detach=m.history_bias_detach,
+        history_bias=m.history_bias, history_bias_fit=m.history_bias_fit,
     )
 
 

@@ -59,9 +59,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from missrec.config import HISTORY_BIAS_FITS
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
-from missrec.models.history import add_history_offset, history_cross_entropy
+from missrec.models.history import OFFSET_GRID, add_history_offset, history_cross_entropy
 from missrec.models.losses import interest_regulariser
 from missrec.models.sasrec import gather_last, init_weights
 
@@ -112,7 +113,7 @@ class MISSRec(nn.Module):
         length_group_overhead: int | None = None,
         use_interests: bool = True,
         history_bias: bool = False,
-        history_bias_detach: bool = False,
+        history_bias_fit: str = "loss",
     ) -> None:
         super().__init__()
         if not features:
@@ -176,8 +177,14 @@ class MISSRec(nn.Module):
                                                  final_norm)
         self.fusion_factor = nn.Parameter(torch.zeros(1))  # [1]: engines cannot broadcast 0-d tensors
         # a learned offset, in cosine units, of the items already in the history (0: plain MISSRec)
-        self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
-        self.history_bias_detach = history_bias_detach  # the offset learns beside the model, not through it
+        # (history_bias_fit: loss | detached, learned; validation, a buffer set at each validation)
+        if history_bias_fit not in HISTORY_BIAS_FITS:
+            raise ValueError(f"history_bias_fit must be one of {HISTORY_BIAS_FITS}, got {history_bias_fit!r}")
+        self.history_bias_fit = history_bias_fit
+        if history_bias and history_bias_fit == "validation":
+            self.register_buffer("history_bias", torch.zeros(1))
+        else:
+            self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(1, hidden))
@@ -393,8 +400,23 @@ class MISSRec(nn.Module):
         return fused / self.temperature
 
     def history_offset(self) -> torch.Tensor | None:
-        """The learned offset of history items in logits, β / τ [1]; None without ``history_bias``."""
+        """The offset of history items in logits, β / τ [1]; None without ``history_bias``."""
         return None if self.history_bias is None else self.history_bias / self.temperature
+
+    def offset_grid(self) -> tuple[float, ...] | None:
+        """The offsets (logits) tried at each validation with ``history_bias_fit="validation"``; else None."""
+        return OFFSET_GRID if self.history_bias is not None and self.history_bias_fit == "validation" else None
+
+    def set_history_offset(self, logits: float) -> None:
+        """Set the history offset to ``logits`` (β = logits · τ)."""
+        if self.history_bias is None:
+            raise ValueError("this model has no history offset (history_bias=False)")
+        with torch.no_grad():
+            self.history_bias.fill_(logits * self.temperature)
+
+    def _train_offset(self) -> torch.Tensor | None:
+        """The offset in the training loss: none when it is chosen on validation (the model trains as plain)."""
+        return None if self.history_bias_fit == "validation" else self.history_offset()
 
     def full_scores(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]."""
@@ -411,10 +433,10 @@ class MISSRec(nn.Module):
             present[0] = True
             idw = self.item_id.weight if self.item_id is not None else None
             ce = history_cross_entropy(self.fuse(user, tokens, present, idw), batch.target + 1, batch.seq,
-                                       self.history_offset(), 0, self.history_bias_detach)
+                                       self._train_offset(), 0, self.history_bias_fit == "detached")
         else:
-            ce = history_cross_entropy(self.score(user, tokens), batch.target, batch.seq, self.history_offset(),
-                                       1, self.history_bias_detach)
+            ce = history_cross_entropy(self.score(user, tokens), batch.target, batch.seq, self._train_offset(),
+                                       1, self.history_bias_fit == "detached")
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
     def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

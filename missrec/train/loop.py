@@ -22,6 +22,7 @@ from missrec.config import TrainConfig
 from missrec.data.batching import Batch
 from missrec.errors import ConfigError
 from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
+from missrec.models.history import ValidatedOffset, fit_offset_on_validation
 from missrec.train.averaging import WeightAverage
 from missrec.train.rank_zero import RankZero
 
@@ -132,6 +133,7 @@ def fit(
     n_trainable = sum(p.numel() for p in params)
     log.info("training on %s: %d trainable parameters, batch %d", device, n_trainable, cfg.batch_size)
 
+    grid = model.offset_grid() if isinstance(model, ValidatedOffset) else None
     best_score, best_epoch, best_state, best_valid = -math.inf, -1, None, {}
     bad_epochs, skipped, global_step = 0, 0, 0
     t_start = time.perf_counter()
@@ -196,22 +198,26 @@ def fit(
             continue
         t1 = time.perf_counter()
         with average.swapped_in(model) if average is not None else contextlib.nullcontext():
-            valid = evaluate(model, eval_batches("valid"), device)
+            if grid:  # the history offset is chosen here, on the selection metric, and kept with the state
+                offset, valid = fit_offset_on_validation(model, eval_batches("valid"), device, grid)
+                extra = {"history_offset": offset}
+            else:
+                valid, extra = evaluate(model, eval_batches("valid"), device), {}
             improved = valid["ndcg@10"] > best_score
             if improved:  # keep the weights that were validated: the averaged ones with train.ema
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             # the state just validated, on the test split: a diagnostic trace, never a selection signal
             traced = evaluate(model, eval_batches("test"), device) if cfg.trace_test else {}
         eval_time += time.perf_counter() - t1
-        out.scalars({f"valid/{k}": v for k, v in valid.items()}, epoch)
+        out.scalars({f"valid/{k}": v for k, v in {**valid, **extra}.items()}, epoch)
         if traced:
             out.scalars({f"trace_test/{k}": v for k, v in traced.items()}, epoch)
-        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid,
+        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, **extra,
                         **{f"test_{k}": v for k, v in traced.items()}, "train_s": epoch_train, "lr": epoch_lr})
         log.info(
             "epoch %d: loss %.4f, %.1fs (%.0f seq/s), valid %s",
             epoch, total / max(count, 1), epoch_train, seqs / epoch_train,
-            " ".join(f"{k}={v:.4f}" for k, v in valid.items()),
+            " ".join(f"{k}={v:.4f}" for k, v in {**valid, **extra}.items()),
         )
         if plateau is not None:
             lr_before = optimizer.param_groups[0]["lr"]
