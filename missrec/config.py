@@ -137,15 +137,15 @@ class MISSRecConfig:
     # a batch of mixed history lengths runs as passes over rows of similar length when that halves the cost;
     # the cost of one more pass in padded positions (None: 128 on CPU, 4096 on GPU; -1: always one pass)
     length_group_overhead: int | None = None
-    # learn one offset for the items already in the user's history (they are rarely the next item: 0.85 % of the
-    # scientific_mm targets), added to their scores in fine-tuning and ranking (pre-training has none); false:
-    # the paper's model (missrec.models.history, docs/results.md)
+    # one offset for the items already in the user's history (they are rarely the next item: 0.85 % of the
+    # scientific_mm targets), added to their scores in ranking (pre-training has none); false: the paper's model
+    # (missrec.models.history, docs/results.md)
     history_bias: bool = True
-    # how the offset is fit: loss (learned in the loss, the model trains through it) | detached (learned beside the
-    # model: the model trains on its plain scores as the paper's, the offset on a second cross-entropy of those
-    # scores, detached) | validation (the model trains as the paper's; at each validation the offset is the value
-    # of models.history.OFFSET_GRID with the best validation NDCG@10, the selection metric)
-    history_bias_fit: str = "loss"
+    # how the offset is fit: validation (the model trains as the paper's; at each validation the offset is the value
+    # of models.history.OFFSET_GRID with the best validation NDCG@10, the selection metric) | loss (learned in the
+    # loss; the model trains through it; the default in session 18) | detached (learned beside the model: the model
+    # trains on its plain scores, the offset on a second cross-entropy of those scores, detached)
+    history_bias_fit: str = "validation"
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:

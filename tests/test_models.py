@@ -221,7 +221,7 @@ def test_interest_regulariser_scales_and_padded_slots():
 def test_history_bias_offsets_only_history_items(pad_negative):
     kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
     plain = _tiny_missrec(**kw)
-    biased = _tiny_missrec(history_bias=True, **kw)
+    biased = _tiny_missrec(history_bias=True, history_bias_fit="loss", **kw)
     assert plain.history_bias is None and biased.history_bias is not None
     biased.load_state_dict(plain.state_dict(), strict=False)  # same weights; the offset starts at 0
     for m in (plain, biased):
@@ -251,7 +251,7 @@ def test_history_bias_offsets_only_history_items(pad_negative):
 def test_detached_history_offset_leaves_the_model_gradients_of_the_plain_loss(pad_negative):
     kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
     plain = _tiny_missrec(**kw)
-    joint = _tiny_missrec(history_bias=True, **kw)
+    joint = _tiny_missrec(history_bias=True, history_bias_fit="loss", **kw)
     detached = _tiny_missrec(history_bias=True, history_bias_fit="detached", **kw)
     batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
     for m in (joint, detached):
@@ -302,7 +302,7 @@ def test_offset_fit_on_validation_is_a_buffer_outside_the_loss(pad_negative):
     validated.set_history_offset(-3.0)
     assert validated.history_offset().item() == pytest.approx(-3.0)
     assert validated.offset_grid() is not None and plain.offset_grid() is None
-    assert _tiny_missrec(history_bias=True).offset_grid() is None  # learned in the loss: no grid
+    assert _tiny_missrec(history_bias=True, history_bias_fit="loss").offset_grid() is None  # learned: no grid
     for m in (plain, validated):
         m.eval()
     batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
@@ -377,9 +377,10 @@ def test_sasrec_history_bias_offsets_history_items_and_needs_the_last_objective(
         SASRecConfig(history_bias=True, objective="causal")
 
 
-def test_checkpoint_without_history_offset_loads_as_offset_zero():
+@pytest.mark.parametrize("fit", ["loss", "validation"])
+def test_checkpoint_without_history_offset_loads_as_offset_zero(fit):
     plain = _tiny_missrec()
-    biased = _tiny_missrec(history_bias=True)
+    biased = _tiny_missrec(history_bias=True, history_bias_fit=fit)
     biased.load_state_dict(plain.state_dict())  # strict: a run saved before the offset existed
     assert biased.history_bias.item() == 0.0
     with pytest.raises(RuntimeError, match="history_bias"):

@@ -15,9 +15,10 @@ adapter into the model width. Then:
 - **Scoring with dynamic fusion** — per modality the cosine between the user and the normalised item
   token; fused with softmax weights over the item's present modalities, ``softmax(cos_m * a)`` with a
   learnable scalar ``a`` (0 = plain mean); transductive: ``(cos_id + 2 * fused) / 3``; divided by τ.
-- **History offset** (``history_bias``, the toolkit's default; not in the paper) — one learned scalar
-  added, over τ, to the score of every item already in the row's history, in the loss and in ranking
-  (:mod:`missrec.models.history`); 0 gives the paper's model.
+- **History offset** (``history_bias``, the toolkit's default; not in the paper) — one scalar added, over τ,
+  to the score of every item already in the row's history in ranking; ``history_bias_fit`` says how it is
+  fit: on validation (default: the model trains as the paper's, the offset is chosen at each validation),
+  in the loss, or in the loss beside the model (:mod:`missrec.models.history`); 0 gives the paper's model.
 
 Differences from the official code (gimpong/MM23-MISSRec), on purpose:
 
@@ -113,7 +114,7 @@ class MISSRec(nn.Module):
         length_group_overhead: int | None = None,
         use_interests: bool = True,
         history_bias: bool = False,
-        history_bias_fit: str = "loss",
+        history_bias_fit: str = "validation",
     ) -> None:
         super().__init__()
         if not features:
@@ -176,8 +177,8 @@ class MISSRec(nn.Module):
             self.decoder = _self_attention_stack(hidden, heads, inner, dropout, attn_dropout, decoder_layers,
                                                  final_norm)
         self.fusion_factor = nn.Parameter(torch.zeros(1))  # [1]: engines cannot broadcast 0-d tensors
-        # a learned offset, in cosine units, of the items already in the history (0: plain MISSRec)
-        # (history_bias_fit: loss | detached, learned; validation, a buffer set at each validation)
+        # an offset, in cosine units, of the items already in the history (0: plain MISSRec): a parameter when
+        # learned in the loss (history_bias_fit loss, detached), a buffer when chosen at each validation
         if history_bias_fit not in HISTORY_BIAS_FITS:
             raise ValueError(f"history_bias_fit must be one of {HISTORY_BIAS_FITS}, got {history_bias_fit!r}")
         self.history_bias_fit = history_bias_fit
@@ -406,6 +407,10 @@ class MISSRec(nn.Module):
     def offset_grid(self) -> tuple[float, ...] | None:
         """The offsets (logits) tried at each validation with ``history_bias_fit="validation"``; else None."""
         return OFFSET_GRID if self.history_bias is not None and self.history_bias_fit == "validation" else None
+
+    def fitted_buffers(self) -> list[str]:
+        """Buffers fit on the fine-tuning domain that its adapter file carries: the offset chosen on validation."""
+        return ["history_bias"] if self.offset_grid() is not None else []
 
     def set_history_offset(self, logits: float) -> None:
         """Set the history offset to ``logits`` (β = logits · τ)."""

@@ -1,5 +1,6 @@
-"""Per-domain adapter artefacts: only the trainable parameters of a fine-tuned model, plus the sha256 of
-the backbone checkpoint they were trained on top of (loading checks it)."""
+"""Per-domain adapter artefacts: only the trainable parameters of a fine-tuned model (and the few buffers fit
+on its domain, such as the history offset chosen on validation), plus the sha256 of the backbone checkpoint
+they were trained on top of (loading checks it)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,19 @@ class BackboneMismatchError(ValueError):
     pass
 
 
+def fitted_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers fit on the target domain that an adapter must carry (``model.fitted_buffers()``,
+    e.g. MISSRec's history offset chosen on validation); none for a model without that method."""
+    names = getattr(model, "fitted_buffers", None)
+    return list(names()) if names is not None else []
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of the parameters that train (``requires_grad``), detached, on CPU."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The tensors of the parameters that train (``requires_grad``) and of the fitted buffers, detached, on CPU."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    state.update({n: buffers[n].detach().cpu().clone() for n in fitted_buffers(model)})
+    return state
 
 
 def save_adapter(model: nn.Module, path: str | Path, backbone: str | Path, extra: dict[str, Any] | None = None) -> int:
@@ -59,6 +70,8 @@ def load_adapter(model: nn.Module, path: str | Path, backbone: str | Path) -> di
             f"({state.get('backbone_path')}), but {backbone} has sha256 {digest[:16]}..."
         )
     own = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    own.update({n: buffers[n] for n in fitted_buffers(model)})
     unknown = sorted(set(state["params"]) - set(own))
     if unknown:
         raise ValueError(f"{path}: adapter holds parameters the model does not have: {unknown[:5]}")
