@@ -28,8 +28,8 @@ from missrec.data.batching import Batch
 from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
 
 # candidate offsets (logits) tried at each validation with history_bias_fit=validation, the smaller first (ties go
-# to the first); -100
-# puts history items below every other item (MISSRec's scores are cosines over τ, within ±1 / τ ≈ ±14.3)
+# to the first); -100 puts history items below every other item (MISSRec's scores are cosines over τ, within
+# ±1 / τ ≈ ±14.3)
 OFFSET_GRID: tuple[float, ...] = (0.0, -1.0, -2.0, -2.5, -3.0, -3.5, -4.0, -4.5, -5.0, -6.0, -8.0, -100.0)
 
 
