@@ -437,11 +437,12 @@ class MISSRec(nn.Module):
             present = self.present.clone()
             present[0] = True
             idw = self.item_id.weight if self.item_id is not None else None
-            ce = history_cross_entropy(self.fuse(user, tokens, present, idw), batch.target + 1, batch.seq,
-                                       self._train_offset(), 0, self.history_bias_fit == "detached")
+            # [B, N + 1]: column j is item value j (padding first)
+            logits, target, first = self.fuse(user, tokens, present, idw), batch.target + 1, 0
         else:
-            ce = history_cross_entropy(self.score(user, tokens), batch.target, batch.seq, self._train_offset(),
-                                       1, self.history_bias_fit == "detached")
+            logits, target, first = self.score(user, tokens), batch.target, 1  # [B, N]
+        ce = history_cross_entropy(logits, target, batch.seq, self._train_offset(), first,
+                                   self.history_bias_fit == "detached")
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
     def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

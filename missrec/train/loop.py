@@ -209,15 +209,16 @@ def fit(
             # the state just validated, on the test split: a diagnostic trace, never a selection signal
             traced = evaluate(model, eval_batches("test"), device) if cfg.trace_test else {}
         eval_time += time.perf_counter() - t1
-        out.scalars({f"valid/{k}": v for k, v in {**valid, **extra}.items()}, epoch)
+        shown = {**valid, **extra}  # the validation metrics and, when chosen there, the history offset
+        out.scalars({f"valid/{k}": v for k, v in shown.items()}, epoch)
         if traced:
             out.scalars({f"trace_test/{k}": v for k, v in traced.items()}, epoch)
-        history.append({"epoch": epoch, "loss": total / max(count, 1), **valid, **extra,
+        history.append({"epoch": epoch, "loss": total / max(count, 1), **shown,
                         **{f"test_{k}": v for k, v in traced.items()}, "train_s": epoch_train, "lr": epoch_lr})
         log.info(
             "epoch %d: loss %.4f, %.1fs (%.0f seq/s), valid %s",
             epoch, total / max(count, 1), epoch_train, seqs / epoch_train,
-            " ".join(f"{k}={v:.4f}" for k, v in {**valid, **extra}.items()),
+            " ".join(f"{k}={v:.4f}" for k, v in shown.items()),
         )
         if plateau is not None:
             lr_before = optimizer.param_groups[0]["lr"]
