@@ -217,16 +217,26 @@ def test_interest_regulariser_scales_and_padded_slots():
         interest_regulariser(memory, imask, "max")
 
 
+def _loss_path(pad_negative):
+    """MISSRec arguments for one of the two loss paths (with the padding row as a negative, or without)."""
+    return {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
+
+
+def _history_batch():
+    """Two rows: 0-based items 1, 2, 2 (item 2 twice) -> 4, and 5 -> 6; no target is in its history."""
+    return collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
+
+
 @pytest.mark.parametrize("pad_negative", [False, True])
 def test_history_bias_offsets_only_history_items(pad_negative):
-    kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
+    kw = _loss_path(pad_negative)
     plain = _tiny_missrec(**kw)
     biased = _tiny_missrec(history_bias=True, history_bias_fit="loss", **kw)
     assert plain.history_bias is None and biased.history_bias is not None
     biased.load_state_dict(plain.state_dict(), strict=False)  # same weights; the offset starts at 0
     for m in (plain, biased):
         m.eval()
-    batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)  # 0-based items; item 2 twice
+    batch = _history_batch()
     base = plain.full_scores(batch)
     assert torch.equal(biased.full_scores(batch), base)  # offset 0: the plain model
     with torch.no_grad():
@@ -249,11 +259,11 @@ def test_history_bias_offsets_only_history_items(pad_negative):
 
 @pytest.mark.parametrize("pad_negative", [False, True])
 def test_detached_history_offset_leaves_the_model_gradients_of_the_plain_loss(pad_negative):
-    kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
+    kw = _loss_path(pad_negative)
     plain = _tiny_missrec(**kw)
     joint = _tiny_missrec(history_bias=True, history_bias_fit="loss", **kw)
     detached = _tiny_missrec(history_bias=True, history_bias_fit="detached", **kw)
-    batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
+    batch = _history_batch()
     for m in (joint, detached):
         m.load_state_dict(plain.state_dict(), strict=False)
         with torch.no_grad():
@@ -293,7 +303,7 @@ def test_history_bias_fit_reaches_the_model_from_the_config():
 
 @pytest.mark.parametrize("pad_negative", [False, True])
 def test_offset_fit_on_validation_is_a_buffer_outside_the_loss(pad_negative):
-    kw = {"adapter_init": "torch", "pad_negative": True} if pad_negative else {}
+    kw = _loss_path(pad_negative)
     plain = _tiny_missrec(**kw)
     validated = _tiny_missrec(history_bias=True, history_bias_fit="validation", **kw)
     validated.load_state_dict(plain.state_dict())  # strict: the offset is filled with 0
@@ -305,7 +315,7 @@ def test_offset_fit_on_validation_is_a_buffer_outside_the_loss(pad_negative):
     assert _tiny_missrec(history_bias=True, history_bias_fit="loss").offset_grid() is None  # learned: no grid
     for m in (plain, validated):
         m.eval()
-    batch = collate([(0, [1, 2, 2], 4), (1, [5], 6)], max_len=10)
+    batch = _history_batch()
     # the model trains as the plain one; ranking adds the offset
     assert torch.equal(validated.loss(batch)["ce"], plain.loss(batch)["ce"])
     diff = validated.full_scores(batch) - plain.full_scores(batch)
