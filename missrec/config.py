@@ -90,12 +90,16 @@ class SASRecConfig:
     dropout: float = 0.5
     attn_dropout: float = 0.5
     objective: str = "last"  # last: per prefix row (RecBole, the paper's row) | causal: every position of a user's longest row
-    history_bias: bool = False  # learn one offset for the items already in the history (as missrec.history_bias)
+    history_bias: bool = False  # one offset for the items already in the history (as missrec.history_bias)
+    history_bias_fit: str = "validation"  # how it is fit, as missrec.history_bias_fit: validation | loss | detached
 
     def __post_init__(self) -> None:
         if self.history_bias and self.objective != "last":
             raise ConfigError("sasrec.history_bias needs sasrec.objective=last (one history per row), got "
                               f"{self.objective!r}")
+        if self.history_bias_fit not in HISTORY_BIAS_FITS:
+            raise ConfigError(f"sasrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
+                              f"got {self.history_bias_fit!r}")
 
 
 @dataclass(frozen=True)

@@ -387,6 +387,38 @@ def test_sasrec_history_bias_offsets_history_items_and_needs_the_last_objective(
         SASRecConfig(history_bias=True, objective="causal")
 
 
+def test_sasrec_offset_fit_on_validation_trains_plain_sasrec_and_ranks_with_the_offset():
+    from missrec.models.build import build_sasrec
+    from missrec.models.sasrec import HISTORY_SCALE
+
+    torch.manual_seed(0)
+    plain = SASRec(20, max_len=8, hidden=16, heads=2, inner=32).eval()
+    validated = SASRec(20, max_len=8, hidden=16, heads=2, inner=32, history_bias=True).eval()  # validation: default
+    learned = SASRec(20, max_len=8, hidden=16, heads=2, inner=32, history_bias=True, history_bias_fit="loss").eval()
+    validated.load_state_dict(plain.state_dict(), strict=False)
+    learned.load_state_dict(validated.state_dict())  # same key: a buffer here, a parameter there
+    assert "history_bias" in dict(validated.named_buffers())
+    assert "history_bias" in dict(learned.named_parameters())
+    assert validated.offset_grid() is not None and learned.offset_grid() is None and plain.offset_grid() is None
+    batch = collate([(0, [1, 2, 3], 1), (1, [5], 6)], max_len=8)  # row 0's target repeats a history item
+    validated.set_history_offset(-3.0)
+    learned.set_history_offset(-3.0)
+    assert validated.history_offset().item() == pytest.approx(-3.0)
+    assert validated.history_bias.item() == pytest.approx(-3.0 / HISTORY_SCALE)
+    # chosen on validation: the loss is plain SASRec's; learned in the loss: the offset changes it
+    assert torch.equal(validated.loss(batch)["ce"], plain.loss(batch)["ce"])
+    assert learned.loss(batch)["ce"].item() > plain.loss(batch)["ce"].item()
+    diff = validated.full_scores(batch) - plain.full_scores(batch)
+    assert diff[0, 1].item() == pytest.approx(-3.0) and diff[0, 4].item() == 0.0
+    with pytest.raises(ValueError, match="no history offset"):
+        plain.set_history_offset(-1.0)
+    for fit in ("loss", "detached", "validation"):
+        cfg = SASRecConfig(history_bias=True, history_bias_fit=fit)
+        assert build_sasrec(cfg, 20, 8).history_bias_fit == fit
+    with pytest.raises(ConfigError, match="sasrec.history_bias_fit"):
+        SASRecConfig(history_bias_fit="learned")
+
+
 @pytest.mark.parametrize("fit", ["loss", "validation"])
 def test_checkpoint_without_history_offset_loads_as_offset_zero(fit):
     plain = _tiny_missrec()

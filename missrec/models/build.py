@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def build_sasrec(s: SASRecConfig, num_items: int, max_len: int) -> SASRec:
     """SASRec with the settings of ``s`` over ``num_items`` items."""
     return SASRec(num_items, max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout, s.objective,
-                  s.history_bias)
+                  s.history_bias, s.history_bias_fit)
 
 
 def missrec_from_config(

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from missrec.config import HISTORY_BIAS_FITS
 from missrec.data.batching import Batch
-from missrec.models.history import add_history_offset
+from missrec.models.history import OFFSET_GRID, add_history_offset, history_cross_entropy
 
 HISTORY_SCALE = 1 / 0.07  # SASRec's history offset, in logits per unit of its parameter
 
@@ -60,12 +61,16 @@ class SASRec(nn.Module):
         attn_dropout: float = 0.5,
         objective: str = "last",
         history_bias: bool = False,
+        history_bias_fit: str = "validation",
     ) -> None:
         super().__init__()
         if objective not in ("causal", "last"):
             raise ValueError(f"objective must be 'causal' or 'last', got {objective!r}")
         if history_bias and objective != "last":
             raise ValueError("history_bias needs objective='last' (one history per row)")
+        if history_bias_fit not in HISTORY_BIAS_FITS:
+            raise ValueError(f"history_bias_fit must be one of {HISTORY_BIAS_FITS}, got {history_bias_fit!r}")
+        self.history_bias_fit = history_bias_fit
         self.objective = objective
         # which training rows the data layer should feed (see the module docstring)
         self.train_rows = "last_per_user" if objective == "causal" else "all"
@@ -81,9 +86,13 @@ class SASRec(nn.Module):
         # attention dropout is a separate knob in SASRec/RecBole
         layer.self_attn.dropout = attn_dropout
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        # a learned offset of the items already in the history (missrec.models.history), in units of
-        # HISTORY_SCALE logits so that Adam moves it about as fast as MISSRec's (cosine units over τ = 0.07)
-        self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
+        # an offset of the items already in the history (missrec.models.history), in units of HISTORY_SCALE
+        # logits so that Adam moves it about as fast as MISSRec's (cosine units over τ = 0.07): a parameter when
+        # learned in the loss (history_bias_fit loss, detached), a buffer when chosen at each validation
+        if history_bias and history_bias_fit == "validation":
+            self.register_buffer("history_bias", torch.zeros(1))
+        else:
+            self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
         self.apply(init_weights)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
@@ -102,17 +111,35 @@ class SASRec(nn.Module):
         batch = batch.trimmed()
         return gather_last(self.hidden_states(batch), batch.seq_len)
 
+    def plain_scores(self, batch: Batch) -> torch.Tensor:
+        """Scores of every item without the history offset: [B, num_items]."""
+        return self.encode(batch) @ self.item_emb.weight[1:].T
+
     def full_scores(self, batch: Batch) -> torch.Tensor:
-        """[B, num_items]."""
-        return add_history_offset(self.encode(batch) @ self.item_emb.weight[1:].T, batch.seq, self.history_offset())
+        """[B, num_items], the history offset added."""
+        return add_history_offset(self.plain_scores(batch), batch.seq, self.history_offset())
 
     def history_offset(self) -> torch.Tensor | None:
-        """The learned offset of history items in logits [1]; None without ``history_bias``."""
+        """The offset of history items in logits [1]; None without ``history_bias``."""
         return None if self.history_bias is None else self.history_bias * HISTORY_SCALE
+
+    def offset_grid(self) -> tuple[float, ...] | None:
+        """The offsets (logits) tried at each validation with ``history_bias_fit="validation"``; else None."""
+        return OFFSET_GRID if self.history_bias is not None and self.history_bias_fit == "validation" else None
+
+    def set_history_offset(self, logits: float) -> None:
+        """Set the history offset to ``logits``."""
+        if self.history_bias is None:
+            raise ValueError("this model has no history offset (history_bias=False)")
+        with torch.no_grad():
+            self.history_bias.fill_(logits / HISTORY_SCALE)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.objective == "last":
-            ce = F.cross_entropy(self.full_scores(batch), batch.target)
+            # chosen on validation: the model trains as plain SASRec
+            offset = None if self.history_bias_fit == "validation" else self.history_offset()
+            ce = history_cross_entropy(self.plain_scores(batch), batch.target, batch.seq, offset,
+                                       detach=self.history_bias_fit == "detached")
             return {"loss": ce, "ce": ce}
         batch = batch.trimmed()
         h = self.hidden_states(batch)  # [B, L, D]
