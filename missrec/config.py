@@ -92,6 +92,7 @@ class SASRecConfig:
     objective: str = "last"  # last: per prefix row (RecBole, the paper's row) | causal: every position of a user's longest row
     history_bias: bool = False  # one offset for the items already in the history (as missrec.history_bias)
     history_bias_fit: str = "validation"  # how it is fit, as missrec.history_bias_fit: validation | loss | detached
+    history_affinity: bool = False  # as missrec.history_affinity, with the cosine of item embeddings
 
     def __post_init__(self) -> None:
         if self.history_bias and self.objective != "last":
@@ -100,6 +101,9 @@ class SASRecConfig:
         if self.history_bias_fit not in HISTORY_BIAS_FITS:
             raise ConfigError(f"sasrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
                               f"got {self.history_bias_fit!r}")
+        if self.history_affinity and not (self.history_bias and self.history_bias_fit == "validation"):
+            raise ConfigError("sasrec.history_affinity needs sasrec.history_bias=true with "
+                              f"sasrec.history_bias_fit=validation, got {self.history_bias}, {self.history_bias_fit!r}")
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,18 @@ class MISSRecConfig:
     # loss; the model trains through it; the default in session 18) | detached (learned beside the model: the model
     # trains on its plain scores, the offset on a second cross-entropy of those scores, detached)
     history_bias_fit: str = "validation"
+    # add w × each item's largest cosine (adapted tokens, mean over modalities) to an item of the history, w chosen
+    # with the offset at each validation from models.history.AFFINITY_GRID (needs history_bias_fit=validation)
+    history_affinity: bool = False
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:
         if self.history_bias_fit not in HISTORY_BIAS_FITS:
             raise ConfigError(f"missrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
                               f"got {self.history_bias_fit!r}")
+        if self.history_affinity and not (self.history_bias and self.history_bias_fit == "validation"):
+            raise ConfigError("missrec.history_affinity needs missrec.history_bias=true with "
+                              f"missrec.history_bias_fit=validation, got {self.history_bias}, {self.history_bias_fit!r}")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ConfigError(f"missrec.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.pad_negative and (self.adapter != "linear" or self.adapter_init != "torch"):

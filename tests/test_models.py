@@ -354,14 +354,15 @@ def test_fit_offset_on_validation_picks_the_best_offset_of_the_grid_and_sets_it(
     model.set_history_offset(-7.0)  # the current offset is not used to choose
     batch = collate([(0, [0, 1], 2), (1, [3], 3)], max_len=4)
     grid = (0.0, -1.5, -3.0, -100.0)
-    offset, metrics = fit_offset_on_validation(model, [batch], torch.device("cpu"), grid)
+    choice, metrics = fit_offset_on_validation(model, [batch], torch.device("cpu"), grid)
+    offset = choice["history_offset"]
     # 0: ranks 3 and 1; -1.5: 2 and 1; -3: 1 and 1 (5 - 3 = 2 still above 1.0); -100: 1 and 5
     assert offset == -3.0 and model.history_offset().item() == -3.0
     assert metrics["ndcg@10"] == pytest.approx(1.0)
     assert evaluate(model, [batch], torch.device("cpu")) == metrics  # what it reports is what the model now scores
     # ties go to the first offset of the grid
-    assert fit_offset_on_validation(model, [batch], torch.device("cpu"), (-3.0, -3.5))[0] == -3.0
-    assert fit_offset_on_validation(model, [batch], torch.device("cpu"), (-3.5, -3.0))[0] == -3.5
+    assert fit_offset_on_validation(model, [batch], torch.device("cpu"), (-3.0, -3.5))[0] == {"history_offset": -3.0}
+    assert fit_offset_on_validation(model, [batch], torch.device("cpu"), (-3.5, -3.0))[0] == {"history_offset": -3.5}
     with pytest.raises(ValueError, match="at least one"):
         fit_offset_on_validation(model, [batch], torch.device("cpu"), ())
 

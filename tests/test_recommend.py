@@ -393,3 +393,19 @@ def test_learned_history_offset_is_served_when_history_items_are_kept(transducti
     # excluding history items still drops them whatever the offset
     ids, _ = rec.topk(hist, 10, exclude_history=True, full_ranking=True)
     assert all(not set(ids[r].tolist()) & set(h) for r, h in enumerate(hist))
+
+
+@pytest.mark.slow
+def test_history_affinity_is_served_exactly_with_or_without_the_index(transductive_run):
+    rec = Recommender.from_run(transductive_run, QUIET)
+    model = rec.model
+    assert model.affinity_weight is None and rec.scorer.affinity_weight == 0.0  # off by default
+    hist = _test_histories(rec)[:64]
+    plain = _model_scores(rec, hist)
+    model.affinity_weight = torch.tensor([3.0])  # as a run with missrec.history_affinity=true chose it
+    assert rec.scorer.affinity_weight == 3.0
+    ref = _model_scores(rec, hist)  # the model's own scores, affinity included
+    assert not torch.allclose(ref, plain)
+    for kw in ({"full_ranking": True}, {"candidate_factor": 1}):  # the index cannot search it: ranked fully
+        ids, scores = rec.topk(hist, 10, exclude_history=False, **kw)
+        _assert_topk_matches(ids, scores, ref, 10)

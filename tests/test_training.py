@@ -90,14 +90,18 @@ def test_finetune_from_backbone_saves_small_adapter(synthetic_root, tmp_path):
 
 @pytest.mark.slow
 def test_offset_fit_on_validation_is_chosen_each_validation_and_saved_with_the_best_state(synthetic_root, tmp_path):
-    from missrec.models.history import OFFSET_GRID
+    from missrec.models.history import AFFINITY_GRID, OFFSET_GRID
 
+    # with the history affinity on, its weight is chosen with the offset
     m = _run(synthetic_root, tmp_path, "validated", "model=missrec", "missrec.mode=inductive",
-             "data.features=[feat1CLS,feat3CLS]", "missrec.history_bias_fit=validation", "train.epochs=3")
+             "data.features=[feat1CLS,feat3CLS]", "missrec.history_bias_fit=validation",
+             "missrec.history_affinity=true", "train.epochs=3")
     hist = json.loads((tmp_path / "validated" / "history.json").read_text())
     assert len(hist) == 3 and all(h["history_offset"] in OFFSET_GRID for h in hist)
+    assert all(h["history_affinity"] in AFFINITY_GRID for h in hist)
     best = next(h for h in hist if h["epoch"] == m["best_epoch"])
     assert m["valid"]["ndcg@10"] == best["ndcg@10"]
-    saved = torch.load(tmp_path / "validated" / "best.pt", weights_only=False)["model"]["history_bias"]
+    saved = torch.load(tmp_path / "validated" / "best.pt", weights_only=False)["model"]
     tau = RunConfig().missrec.temperature
-    assert saved.item() == pytest.approx(best["history_offset"] * tau)
+    assert saved["history_bias"].item() == pytest.approx(best["history_offset"] * tau)
+    assert saved["affinity_weight"].item() == best["history_affinity"]

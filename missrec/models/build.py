@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def build_sasrec(s: SASRecConfig, num_items: int, max_len: int) -> SASRec:
     """SASRec with the settings of ``s`` over ``num_items`` items."""
     return SASRec(num_items, max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout, s.objective,
-                  s.history_bias, s.history_bias_fit)
+                  s.history_bias, s.history_bias_fit, s.history_affinity)
 
 
 def missrec_from_config(
@@ -43,6 +43,7 @@ def missrec_from_config(
         interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,
         length_group_overhead=m.length_group_overhead, use_interests=m.use_interests,
         history_bias=m.history_bias, history_bias_fit=m.history_bias_fit,
+        history_affinity=m.history_affinity,
     )
 
 

@@ -13,6 +13,10 @@ items). Ranking stays over all items. Each model says what its offset is in logi
 - ``validation``: the model trains as the paper's; at each validation the offset is the value of
   :data:`OFFSET_GRID` with the best validation NDCG@10 (:func:`fit_offset_on_validation`), so it is fit to
   the ranking metric, not to the likelihood (which also weighs the few targets that repeat a history item).
+
+MISSRec can also add ``w`` × each item's *history affinity* (:func:`history_affinity`: its largest similarity
+to an item of the history) to its scores, ``w`` chosen with the offset at each validation
+(``missrec.history_affinity``; :data:`AFFINITY_GRID` × :data:`OFFSET_GRID`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
 # to the first); -100 puts history items below every other item (MISSRec's scores are cosines over τ, within
 # ±1 / τ ≈ ±14.3)
 OFFSET_GRID: tuple[float, ...] = (0.0, -1.0, -2.0, -2.5, -3.0, -3.5, -4.0, -4.5, -5.0, -6.0, -8.0, -100.0)
+# candidate weights (logits per unit of similarity) of the history affinity (:func:`history_affinity`) tried with
+# each offset at each validation, the smaller first
+AFFINITY_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 
 
 def history_mask(seq: torch.Tensor, columns: int, first: int = 1) -> torch.Tensor:
@@ -53,6 +60,24 @@ def add_history_offset(
         return scores
     mask = history_mask(seq, scores.shape[1], first)
     return torch.where(mask, scores + offset, scores)
+
+
+def history_affinity(seq: torch.Tensor, unit: torch.Tensor, first: int = 1) -> torch.Tensor:
+    """[B, C]: for each column j (item value ``first + j``), its largest similarity ``unit[h] · unit[first + j]``
+    to an item ``h`` of the row's history ``seq`` [B, L] (0 = padding; 0 for a row without history).
+    ``unit`` [N + 1, K] (row = item value): vectors whose dot product is the similarity. Computed over the
+    batch's distinct history items, one [U, C] product, never [B, L, C]."""
+    cand = unit[first:]  # [C, K]
+    items = torch.unique(seq[seq > 0])  # [U]
+    if items.numel() == 0:
+        return torch.zeros(seq.shape[0], cand.shape[0], dtype=unit.dtype, device=unit.device)
+    sim = unit[items] @ cand.T  # [U, C]
+    pos = torch.searchsorted(items, seq.clamp(min=1))  # [B, L]: row of sim for each history slot
+    out = torch.full((seq.shape[0], cand.shape[0]), float("-inf"), dtype=unit.dtype, device=unit.device)
+    for slot in range(seq.shape[1]):
+        real = (seq[:, slot] > 0)[:, None]  # [B, 1]
+        out = torch.where(real, torch.maximum(out, sim[pos[:, slot].clamp(max=items.numel() - 1)]), out)
+    return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
 def history_cross_entropy(
@@ -87,26 +112,83 @@ class ValidatedOffset(Protocol):
         """Make ``logits`` the offset added to history items."""
 
 
+@runtime_checkable
+class ValidatedAffinity(Protocol):
+    """A model that can add ``weight`` × its history affinity (:func:`history_affinity`) to its scores, the weight
+    chosen on validation together with the history offset."""
+
+    def affinity_grid(self) -> Sequence[float] | None:
+        """The weights (logits per unit of similarity) to try; None: no affinity term."""
+
+    def set_history_affinity(self, weight: float) -> None:
+        """Make ``weight`` the affinity weight."""
+
+    def history_affinity(self, batch: Batch) -> torch.Tensor:
+        """[B, N]: each item's largest similarity to an item of the row's history."""
+
+
+class HistoryScoring:
+    """Mixin for a model with a ``history_bias`` (offset) and an ``affinity_weight`` (None: not used): a checkpoint
+    saved without them loads with 0 (the plain model's scores), and the affinity weight's grid and setter of
+    :class:`ValidatedAffinity`."""
+
+    history_bias: torch.Tensor | None
+    affinity_weight: torch.Tensor | None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("history_bias", "affinity_weight"):
+            if getattr(self, name) is not None and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def affinity_grid(self) -> tuple[float, ...] | None:
+        """The affinity weights tried at each validation (:data:`AFFINITY_GRID`); None without the affinity."""
+        return AFFINITY_GRID if self.affinity_weight is not None else None
+
+    def set_history_affinity(self, weight: float) -> None:
+        """Set the affinity weight (logits per unit of similarity)."""
+        if self.affinity_weight is None:
+            raise ValueError("this model has no history affinity (history_affinity=False)")
+        with torch.no_grad():
+            self.affinity_weight.fill_(weight)
+
+
 @torch.no_grad()
 def fit_offset_on_validation(
     model: nn.Module, batches: Iterable[Batch], device: torch.device, grid: Sequence[float],
     metric: str = "ndcg@10", ks: tuple[int, ...] = DEFAULT_KS, ties: str = "index",
-) -> tuple[float, dict[str, float]]:
-    """Score ``batches`` once without an offset, rank them with each offset of ``grid`` (logits) added to the
-    history items, and set the model's offset (``set_history_offset``) to the one with the best ``metric`` (the
-    first on a tie: list the smaller offsets first). Returns that offset and its metrics."""
-    if not grid:
-        raise ValueError("fit_offset_on_validation needs at least one offset")
-    metrics = [RankingMetrics(ks, ties) for _ in grid]
+    weights: Sequence[float] = (0.0,),
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Score ``batches`` once without an offset (and without affinity), rank them with each offset of ``grid``
+    (logits) added to the history items and, with a model that has one (:class:`ValidatedAffinity`), each
+    affinity weight of ``weights``; set the model to the pair with the best ``metric`` (the first on a tie: list
+    the smaller values first; weights are the outer loop). Returns the choice (``history_offset``, and
+    ``history_affinity`` when ``weights`` holds more than 0) and its metrics."""
+    if not grid or not weights:
+        raise ValueError("fit_offset_on_validation needs at least one offset and one affinity weight")
+    affine = tuple(weights) != (0.0,)
+    if affine and not isinstance(model, ValidatedAffinity):
+        raise ValueError(f"{type(model).__name__} has no history affinity to weigh")
+    pairs = [(w, g) for w in weights for g in grid]
+    metrics = [RankingMetrics(ks, ties) for _ in pairs]
     model.set_history_offset(0.0)
+    if affine:
+        model.set_history_affinity(0.0)
     with scoring(model):
         for batch in batches:
             batch = batch.to(device)
             scores = model.full_scores(batch)  # [B, N], plain
             mask = history_mask(batch.seq, scores.shape[1])  # [B, N]
-            for g, m in zip(grid, metrics):
-                m.update(torch.where(mask, scores + g, scores), batch.target)
+            aff = model.history_affinity(batch) if affine else None  # [B, N]
+            for (w, g), m in zip(pairs, metrics):
+                s = scores + w * aff if w else scores
+                m.update(torch.where(mask, s + g, s), batch.target)
     results = [m.compute() for m in metrics]
-    best = max(range(len(grid)), key=lambda i: (results[i][metric], -i))
-    model.set_history_offset(float(grid[best]))
-    return float(grid[best]), results[best]
+    best = max(range(len(pairs)), key=lambda i: (results[i][metric], -i))
+    w, g = pairs[best]
+    model.set_history_offset(float(g))
+    choice = {"history_offset": float(g)}
+    if affine:
+        model.set_history_affinity(float(w))
+        choice["history_affinity"] = float(w)
+    return choice, results[best]

@@ -19,6 +19,10 @@ adapter into the model width. Then:
   to the score of every item already in the row's history in ranking; ``history_bias_fit`` says how it is
   fit: on validation (default: the model trains as the paper's, the offset is chosen at each validation),
   in the loss, or in the loss beside the model (:mod:`missrec.models.history`); 0 gives the paper's model.
+- **History affinity** (``history_affinity``; not in the paper) — w times each item's largest cosine to an
+  item of the row's history (adapted tokens, mean over modalities) added to its score in ranking, w chosen
+  with the offset at each validation; the single user vector scores an item by its closeness to the whole
+  history, the affinity by its closeness to any one history item.
 
 Differences from the official code (gimpong/MM23-MISSRec), on purpose:
 
@@ -63,7 +67,13 @@ from torch import nn
 from missrec.config import HISTORY_BIAS_FITS
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
-from missrec.models.history import OFFSET_GRID, add_history_offset, history_cross_entropy
+from missrec.models.history import (
+    OFFSET_GRID,
+    HistoryScoring,
+    add_history_offset,
+    history_affinity,
+    history_cross_entropy,
+)
 from missrec.models.losses import interest_regulariser
 from missrec.models.sasrec import gather_last, init_weights
 
@@ -86,7 +96,7 @@ def _self_attention_stack(
     )
 
 
-class MISSRec(nn.Module):
+class MISSRec(HistoryScoring, nn.Module):
     def __init__(
         self,
         num_items: int,
@@ -115,6 +125,7 @@ class MISSRec(nn.Module):
         use_interests: bool = True,
         history_bias: bool = False,
         history_bias_fit: str = "validation",
+        history_affinity: bool = False,
     ) -> None:
         super().__init__()
         if not features:
@@ -186,6 +197,11 @@ class MISSRec(nn.Module):
             self.register_buffer("history_bias", torch.zeros(1))
         else:
             self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
+        # weight (logits per unit of cosine) of the history affinity: each item's largest similarity to an item of
+        # the history, added to its score; chosen at each validation with the offset (a buffer)
+        if history_affinity and not (history_bias and history_bias_fit == "validation"):
+            raise ValueError("history_affinity needs history_bias with history_bias_fit='validation'")
+        self.register_buffer("affinity_weight", torch.zeros(1) if history_affinity else None)
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(1, hidden))
@@ -229,9 +245,6 @@ class MISSRec(nn.Module):
         key = prefix + "fusion_factor"
         if key in state_dict and state_dict[key].dim() == 0:  # saved before it became [1]
             state_dict[key] = state_dict[key].reshape(1)
-        key = prefix + "history_bias"
-        if self.history_bias is not None and key not in state_dict:  # saved without the offset: it is 0
-            state_dict[key] = torch.zeros_like(self.history_bias)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ interests
@@ -409,8 +422,20 @@ class MISSRec(nn.Module):
         return OFFSET_GRID if self.history_bias is not None and self.history_bias_fit == "validation" else None
 
     def fitted_buffers(self) -> list[str]:
-        """Buffers fit on the fine-tuning domain that its adapter file carries: the offset chosen on validation."""
-        return ["history_bias"] if self.offset_grid() is not None else []
+        """Buffers fit on the fine-tuning domain that its adapter file carries: the offset (and affinity weight)
+        chosen on validation."""
+        if self.offset_grid() is None:
+            return []
+        return ["history_bias"] + (["affinity_weight"] if self.affinity_weight is not None else [])
+
+    def history_affinity(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N]: each item's largest cosine to an item of the row's history, averaged over the modalities
+        (adapted tokens ``tokens`` [M, N + 1, D], default the current ones; a modality missing on either item
+        counts 0)."""
+        tokens = self.item_tokens() if tokens is None else tokens
+        unit = F.normalize(tokens, dim=-1) * self.present.T[..., None]  # [M, N + 1, D]
+        unit = unit.permute(1, 0, 2).reshape(unit.shape[1], -1) / self.num_modalities ** 0.5  # [N + 1, M·D]
+        return history_affinity(batch.seq, unit)
 
     def set_history_offset(self, logits: float) -> None:
         """Set the history offset to ``logits`` (β = logits · τ)."""
@@ -427,7 +452,10 @@ class MISSRec(nn.Module):
         """[B, num_items]."""
         tokens = self.item_tokens()
         user, _ = self.encode(batch, tokens)
-        return add_history_offset(self.score(user, tokens), batch.seq, self.history_offset())
+        scores = self.score(user, tokens)  # [B, N]
+        if self.affinity_weight is not None and bool(self.affinity_weight != 0):
+            scores = scores + self.affinity_weight * self.history_affinity(batch, tokens)
+        return add_history_offset(scores, batch.seq, self.history_offset())
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Fine-tuning: full-softmax cross-entropy over all items + the interest regulariser."""

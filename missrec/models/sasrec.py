@@ -23,7 +23,13 @@ from torch import nn
 
 from missrec.config import HISTORY_BIAS_FITS
 from missrec.data.batching import Batch
-from missrec.models.history import OFFSET_GRID, add_history_offset, history_cross_entropy
+from missrec.models.history import (
+    OFFSET_GRID,
+    HistoryScoring,
+    add_history_offset,
+    history_affinity,
+    history_cross_entropy,
+)
 
 HISTORY_SCALE = 1 / 0.07  # SASRec's history offset, in logits per unit of its parameter
 
@@ -48,7 +54,7 @@ def init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-class SASRec(nn.Module):
+class SASRec(HistoryScoring, nn.Module):
     def __init__(
         self,
         num_items: int,
@@ -62,6 +68,7 @@ class SASRec(nn.Module):
         objective: str = "last",
         history_bias: bool = False,
         history_bias_fit: str = "validation",
+        history_affinity: bool = False,
     ) -> None:
         super().__init__()
         if objective not in ("causal", "last"):
@@ -93,6 +100,10 @@ class SASRec(nn.Module):
             self.register_buffer("history_bias", torch.zeros(1))
         else:
             self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
+        # weight of the history affinity (cosine of item embeddings), chosen with the offset at each validation
+        if history_affinity and not (history_bias and history_bias_fit == "validation"):
+            raise ValueError("history_affinity needs history_bias with history_bias_fit='validation'")
+        self.register_buffer("affinity_weight", torch.zeros(1) if history_affinity else None)
         self.apply(init_weights)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
@@ -116,8 +127,15 @@ class SASRec(nn.Module):
         return self.encode(batch) @ self.item_emb.weight[1:].T
 
     def full_scores(self, batch: Batch) -> torch.Tensor:
-        """[B, num_items], the history offset added."""
-        return add_history_offset(self.plain_scores(batch), batch.seq, self.history_offset())
+        """[B, num_items], the history affinity and offset added."""
+        scores = self.plain_scores(batch)
+        if self.affinity_weight is not None and bool(self.affinity_weight != 0):
+            scores = scores + self.affinity_weight * self.history_affinity(batch)
+        return add_history_offset(scores, batch.seq, self.history_offset())
+
+    def history_affinity(self, batch: Batch) -> torch.Tensor:
+        """[B, num_items]: each item's largest cosine (item embeddings) to an item of the row's history."""
+        return history_affinity(batch.seq, F.normalize(self.item_emb.weight, dim=-1))
 
     def history_offset(self) -> torch.Tensor | None:
         """The offset of history items in logits [1]; None without ``history_bias``."""

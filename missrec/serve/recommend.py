@@ -9,7 +9,9 @@ Per query: encode the history with the model, fetch a candidate pool of ``k * ca
 (plus the history length when history items are excluded) from the index, re-rank the pool with the
 model's exact score (with the model's learned offset of history items when they are kept and it has
 one, ``missrec.history_bias``), keep the top k. For SASRec (and MISSRec with one modality, ``fusion="mean"`` or
-a zero fusion factor) the index ranking is already exact; otherwise see :mod:`missrec.serve.scorers`.
+a zero fusion factor) the index ranking is already exact; otherwise see :mod:`missrec.serve.scorers`. A run
+with a history affinity (``missrec.history_affinity``: each item's largest similarity to a history item, added
+to its score) is ranked fully and exactly: a max over the history is no inner product the index can search.
 """
 
 from __future__ import annotations
@@ -243,8 +245,11 @@ class Recommender:
         user = self.scorer.encode(batch)  # [B, D]
         seen = [np.unique(np.asarray(h, dtype=np.int64)) for h in histories]
         offset = self.scorer.history_offset  # the model's learned offset of history items (0: none)
-        if full:
+        weight = self.scorer.affinity_weight  # the model's history affinity: a max over history items, no index
+        if full or weight:
             scores = self.scorer.full_scores(user).float()  # [B, N]
+            if weight:
+                scores = scores + weight * self.scorer.history_affinity(batch).float()
             cand = None
         else:
             extra = max(s.size for s in seen) if exclude else 0

@@ -41,6 +41,7 @@ class ItemScorer(Protocol):
     dim: int  # index vector width
     proxy_is_exact: bool  # the index inner product ranks exactly as the model's score
     history_offset: float  # what the model adds to the scores of history items, in logits (0: nothing)
+    affinity_weight: float  # weight of the model's history affinity in its scores (0: none; needs full ranking)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """User vectors [B, D]."""
@@ -57,12 +58,21 @@ class ItemScorer(Protocol):
     def full_scores(self, user: torch.Tensor) -> torch.Tensor:
         """The model's exact scores of every item: [B, num_items]."""
 
+    def history_affinity(self, batch: Batch) -> torch.Tensor:
+        """[B, num_items]: each item's largest similarity to an item of the row's history (0 without one)."""
+
 
 def _history_offset(model: nn.Module) -> float:
     """What ``model`` adds to the scores of items in the history, in logits (its learned ``history_bias``;
     0 without)."""
     off = model.history_offset()
     return 0.0 if off is None else float(off.detach())
+
+
+def _affinity_weight(model: nn.Module) -> float:
+    """Weight of ``model``'s history affinity in its scores (its ``affinity_weight``; 0 without)."""
+    w = getattr(model, "affinity_weight", None)
+    return 0.0 if w is None else float(w.detach())
 
 
 class SASRecScorer:
@@ -85,6 +95,16 @@ class SASRecScorer:
     def encode(self, batch: Batch) -> torch.Tensor:
         """User vectors [B, D]."""
         return self.model.encode(batch.to(self.weight.device))
+
+    @property
+    def affinity_weight(self) -> float:
+        """Weight of the model's history affinity (``sasrec.history_affinity``; 0: none)."""
+        return _affinity_weight(self.model)
+
+    @torch.no_grad()
+    def history_affinity(self, batch: Batch) -> torch.Tensor:
+        """[B, N], as ``SASRec.history_affinity``."""
+        return self.model.history_affinity(batch.to(self.weight.device))
 
     def item_vectors(self, items: torch.Tensor) -> np.ndarray:
         """[n] -> [n, D]: the item embeddings."""
@@ -128,6 +148,16 @@ class MISSRecScorer:
     def history_offset(self) -> float:
         """What the model adds to the scores of history items, in logits (0 without a learned offset)."""
         return _history_offset(self.model)
+
+    @property
+    def affinity_weight(self) -> float:
+        """Weight of the model's history affinity (``missrec.history_affinity``, chosen on validation; 0: none)."""
+        return _affinity_weight(self.model)
+
+    @torch.no_grad()
+    def history_affinity(self, batch: Batch) -> torch.Tensor:
+        """[B, N], as ``MISSRec.history_affinity`` over the served tokens (new items included)."""
+        return self.model.history_affinity(batch.to(self.tokens.device), self.tokens)
 
     @property
     def proxy_is_exact(self) -> bool:

@@ -22,7 +22,7 @@ from missrec.config import TrainConfig
 from missrec.data.batching import Batch
 from missrec.errors import ConfigError
 from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
-from missrec.models.history import ValidatedOffset, fit_offset_on_validation
+from missrec.models.history import ValidatedAffinity, ValidatedOffset, fit_offset_on_validation
 from missrec.train.averaging import WeightAverage
 from missrec.train.rank_zero import RankZero
 
@@ -134,6 +134,7 @@ def fit(
     log.info("training on %s: %d trainable parameters, batch %d", device, n_trainable, cfg.batch_size)
 
     grid = model.offset_grid() if isinstance(model, ValidatedOffset) else None
+    weights = (model.affinity_grid() if isinstance(model, ValidatedAffinity) else None) or (0.0,)
     best_score, best_epoch, best_state, best_valid = -math.inf, -1, None, {}
     bad_epochs, skipped, global_step = 0, 0, 0
     t_start = time.perf_counter()
@@ -198,9 +199,8 @@ def fit(
             continue
         t1 = time.perf_counter()
         with average.swapped_in(model) if average is not None else contextlib.nullcontext():
-            if grid:  # the history offset is chosen here, on the selection metric, and kept with the state
-                offset, valid = fit_offset_on_validation(model, eval_batches("valid"), device, grid)
-                extra = {"history_offset": offset}
+            if grid:  # the history offset (and affinity) is chosen here, on the selection metric, kept with the state
+                extra, valid = fit_offset_on_validation(model, eval_batches("valid"), device, grid, weights=weights)
             else:
                 valid, extra = evaluate(model, eval_batches("valid"), device), {}
             improved = valid["ndcg@10"] > best_score
