@@ -92,7 +92,7 @@ class SASRecConfig:
     objective: str = "last"  # last: per prefix row (RecBole, the paper's row) | causal: every position of a user's longest row
     history_bias: bool = False  # one offset for the items already in the history (as missrec.history_bias)
     history_bias_fit: str = "validation"  # how it is fit, as missrec.history_bias_fit: validation | loss | detached
-    history_affinity: bool = False  # as missrec.history_affinity, with the cosine of item embeddings
+    history_affinity: bool = True  # as missrec.history_affinity (cosine of item embeddings), with the validated offset
 
     def __post_init__(self) -> None:
         if self.history_bias and self.objective != "last":
@@ -101,9 +101,6 @@ class SASRecConfig:
         if self.history_bias_fit not in HISTORY_BIAS_FITS:
             raise ConfigError(f"sasrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
                               f"got {self.history_bias_fit!r}")
-        if self.history_affinity and not (self.history_bias and self.history_bias_fit == "validation"):
-            raise ConfigError("sasrec.history_affinity needs sasrec.history_bias=true with "
-                              f"sasrec.history_bias_fit=validation, got {self.history_bias}, {self.history_bias_fit!r}")
 
 
 @dataclass(frozen=True)
@@ -155,17 +152,16 @@ class MISSRecConfig:
     # trains on its plain scores, the offset on a second cross-entropy of those scores, detached)
     history_bias_fit: str = "validation"
     # add w × each item's largest cosine (adapted tokens, mean over modalities) to an item of the history, w chosen
-    # with the offset at each validation from models.history.AFFINITY_GRID (needs history_bias_fit=validation)
-    history_affinity: bool = False
+    # with the offset at each validation from models.history.AFFINITY_GRID (docs/results.md, session 20); in effect
+    # only with the offset chosen on validation (history_bias=true, history_bias_fit=validation): history_bias=false
+    # is still the paper's model, history_bias_fit=loss still session 18's
+    history_affinity: bool = True
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:
         if self.history_bias_fit not in HISTORY_BIAS_FITS:
             raise ConfigError(f"missrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
                               f"got {self.history_bias_fit!r}")
-        if self.history_affinity and not (self.history_bias and self.history_bias_fit == "validation"):
-            raise ConfigError("missrec.history_affinity needs missrec.history_bias=true with "
-                              f"missrec.history_bias_fit=validation, got {self.history_bias}, {self.history_bias_fit!r}")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ConfigError(f"missrec.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.pad_negative and (self.adapter != "linear" or self.adapter_init != "torch"):

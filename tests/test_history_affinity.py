@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from missrec.config import MISSRecConfig
 from missrec.data.batching import collate
-from missrec.errors import ConfigError
 from missrec.interests import InterestConfig
 from missrec.models.history import AFFINITY_GRID, fit_offset_on_validation, history_affinity
 from missrec.models.missrec import MISSRec
@@ -72,8 +71,6 @@ def test_affinity_weight_adds_to_scores_is_a_fitted_buffer_and_loads_as_zero():
         plain.set_history_affinity(1.0)
     with pytest.raises(ValueError, match="history_affinity needs"):
         _tiny(history_bias=True, history_bias_fit="loss", history_affinity=True)
-    with pytest.raises(ConfigError, match="missrec.history_affinity"):
-        MISSRecConfig(history_affinity=True, history_bias=False)
 
 
 class _Fixed(torch.nn.Module):
@@ -125,7 +122,6 @@ def test_fit_chooses_offset_and_affinity_weight_together():
 
 
 def test_sasrec_affinity_is_the_cosine_of_item_embeddings_and_needs_the_validated_offset():
-    from missrec.config import SASRecConfig
     from missrec.models.sasrec import SASRec
 
     torch.manual_seed(0)
@@ -141,5 +137,18 @@ def test_sasrec_affinity_is_the_cosine_of_item_embeddings_and_needs_the_validate
     assert torch.allclose(model.full_scores(batch) - plain.full_scores(batch), 2.0 * want, atol=1e-5)
     assert torch.equal(model.loss(batch)["ce"], plain.loss(batch)["ce"])
     assert model.affinity_grid() == AFFINITY_GRID and plain.affinity_grid() is None
-    with pytest.raises(ConfigError, match="sasrec.history_affinity"):
-        SASRecConfig(history_affinity=True)
+
+
+def test_affinity_is_on_by_default_only_with_the_offset_chosen_on_validation():
+    from missrec.config import SASRecConfig
+    from missrec.models.build import build_sasrec, history_affinity_in_effect, missrec_from_config
+
+    feats = [np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)]
+    small = {"hidden": 16, "heads": 2, "inner": 32}
+    assert missrec_from_config(MISSRecConfig(**small), 12, feats, 10, 0).affinity_weight is not None  # the default
+    for off in ({"history_bias": False}, {"history_bias_fit": "loss"}, {"history_affinity": False}):
+        cfg = MISSRecConfig(**small, **off)  # the paper's model, session 18's offset, or switched off
+        assert not history_affinity_in_effect(cfg)
+        assert missrec_from_config(cfg, 12, feats, 10, 0).affinity_weight is None
+    assert build_sasrec(SASRecConfig(), 20, 8).affinity_weight is None  # plain SASRec, the paper's baseline
+    assert build_sasrec(SASRecConfig(history_bias=True), 20, 8).affinity_weight is not None

@@ -167,6 +167,7 @@ def test_missrec_index_rerank_equals_full_ranking(transductive_run):
     from missrec.serve.agreement import topk_agreement
 
     rec = Recommender.from_run(transductive_run, QUIET)
+    rec.model.set_history_affinity(0.0)  # the index path (with an affinity the run is ranked fully, tested below)
     assert rec.index.ntotal == rec.num_items and not rec.info["proxy_exact"]
     hist = _test_histories(rec)
     ref = _model_scores(rec, hist)
@@ -399,10 +400,11 @@ def test_learned_history_offset_is_served_when_history_items_are_kept(transducti
 def test_history_affinity_is_served_exactly_with_or_without_the_index(transductive_run):
     rec = Recommender.from_run(transductive_run, QUIET)
     model = rec.model
-    assert model.affinity_weight is None and rec.scorer.affinity_weight == 0.0  # off by default
+    assert model.affinity_weight is not None  # the default, missrec.history_affinity=true
     hist = _test_histories(rec)[:64]
+    model.set_history_affinity(0.0)
     plain = _model_scores(rec, hist)
-    model.affinity_weight = torch.tensor([3.0])  # as a run with missrec.history_affinity=true chose it
+    model.set_history_affinity(3.0)  # whatever the run chose on validation
     assert rec.scorer.affinity_weight == 3.0
     ref = _model_scores(rec, hist)  # the model's own scores, affinity included
     assert not torch.allclose(ref, plain)

@@ -15,10 +15,16 @@ from missrec.models.sasrec import SASRec
 log = logging.getLogger(__name__)
 
 
+def history_affinity_in_effect(m: MISSRecConfig | SASRecConfig) -> bool:
+    """``history_affinity`` is used with the offset chosen on validation only (its weight is chosen with it):
+    ``history_bias=false`` stays the paper's model, ``history_bias_fit=loss`` session 18's form."""
+    return m.history_affinity and m.history_bias and m.history_bias_fit == "validation"
+
+
 def build_sasrec(s: SASRecConfig, num_items: int, max_len: int) -> SASRec:
     """SASRec with the settings of ``s`` over ``num_items`` items."""
     return SASRec(num_items, max_len, s.hidden, s.layers, s.heads, s.inner, s.dropout, s.attn_dropout, s.objective,
-                  s.history_bias, s.history_bias_fit, s.history_affinity)
+                  s.history_bias, s.history_bias_fit, history_affinity_in_effect(s))
 
 
 def missrec_from_config(
@@ -43,7 +49,7 @@ def missrec_from_config(
         interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,
         length_group_overhead=m.length_group_overhead, use_interests=m.use_interests,
         history_bias=m.history_bias, history_bias_fit=m.history_bias_fit,
-        history_affinity=m.history_affinity,
+        history_affinity=history_affinity_in_effect(m),
     )
 
 

@@ -143,6 +143,9 @@ class Recommender:
         self.index_seconds = time.perf_counter() - t0
         log.info("item index %s over %d items in %.3fs (proxy exact: %s)", index.info["kind"], n,
                  self.index_seconds, self.scorer.proxy_is_exact)
+        if self.scorer.affinity_weight:
+            log.warning("the run scores a history affinity (weight %g): every query is ranked fully and exactly, "
+                        "the index is not used to retrieve candidates", self.scorer.affinity_weight)
         return index
 
     # ------------------------------------------------------------------------------ catalogue
