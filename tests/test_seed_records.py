@@ -1,10 +1,12 @@
 """The README's scientific_mm rows are the means of the per-seed records in docs/benchmarks.
 
-``docs/benchmarks/ours_hbv_{mode}.json`` holds our MISSRec runs with the defaults (the history offset
-chosen on validation, since session 19), ``ours_hb_{mode}.json`` session 18's (the offset learned in the
+``docs/benchmarks/ours_hba_{mode}.json`` holds our MISSRec runs with the defaults (the history offset and
+affinity chosen on validation, since session 20), ``ours_hbv_{mode}.json`` session 19's (the offset alone),
+``ours_hb_{mode}.json`` session 18's (the offset learned in the
 loss, ``missrec.history_bias_fit=loss``), ``ours_{mode}.json`` the paper's model (``missrec.history_bias=false``),
-``ours_text_inductive.json`` the text-only ones, ``ours_sasrec.json`` SASRec's, ``ours_hbv_sasrec.json`` and
-``ours_hb_sasrec.json`` SASRec's with the offset chosen on validation and learned in its loss, and
+``ours_text_inductive.json`` the text-only ones, ``ours_sasrec.json`` SASRec's, ``ours_hba_sasrec.json``,
+``ours_hbv_sasrec.json`` and ``ours_hb_sasrec.json`` SASRec's with both terms, the validated offset alone and
+the offset learned in its loss, and
 ``official_{mode}.json`` the official code's, all scored with ties at their expected rank; the README's row for each mode gives ours and, beside it, the official means.
 ``launcher/compare.py`` reads the same files, so a row that drifted from its records would mislead
 whoever reruns the test.
@@ -25,13 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "benchmarks"
 # record in docs/benchmarks (our runs, one per seed) -> the start of its README row
 ROW_LABEL = {
-    "ours_hbv_transductive": "MISSRec transductive, scientific_mm (CLIP T+V+ID); mean of",
-    "ours_hbv_inductive": "MISSRec inductive, scientific_mm (CLIP T+V); mean of",
+    "ours_hba_transductive": "MISSRec transductive, scientific_mm (CLIP T+V+ID); mean of",
+    "ours_hba_inductive": "MISSRec inductive, scientific_mm (CLIP T+V); mean of",
+    "ours_hbv_transductive": "MISSRec transductive, the history offset only (session 19's default, `missrec.history_affinity=false`); mean of",
+    "ours_hbv_inductive": "MISSRec inductive, the history offset only (session 19's default, `missrec.history_affinity=false`); mean of",
     "ours_transductive": "MISSRec transductive, the paper's model (`missrec.history_bias=false`); mean of",
     "ours_inductive": "MISSRec inductive, the paper's model (`missrec.history_bias=false`); mean of",
     "ours_text_inductive": "MISSRec inductive, scientific_mm (CLIP T, text only), the paper's model; mean of",
     "ours_sasrec": "SASRec, scientific_mm; mean of",
-    "ours_hbv_sasrec": "SASRec with the history offset chosen on validation (`sasrec.history_bias=true`); mean of",
+    "ours_hba_sasrec": "SASRec with the history offset and affinity chosen on validation (`sasrec.history_bias=true`); mean of",
+    "ours_hbv_sasrec": "SASRec with the history offset only (`sasrec.history_bias=true sasrec.history_affinity=false`); mean of",
     "ours_hb_sasrec": "SASRec with the history offset learned in its loss (`sasrec.history_bias_fit=loss`); mean of",
 }
 
@@ -59,7 +64,7 @@ def test_readme_rows_are_the_means_of_the_seed_records(record: str) -> None:
 
 @pytest.mark.parametrize("mode", ["transductive", "inductive"])
 def test_official_figures_beside_the_rows_are_the_means_of_their_records(mode: str) -> None:
-    cells = _readme_cells(f"ours_hbv_{mode}")
+    cells = _readme_cells(f"ours_hba_{mode}")
     n_official, official = _means(BENCH / f"official_{mode}.json")
 
     match = re.search(rf"official code, {n_official} seeds rerun here, scored like ours: "
@@ -81,6 +86,7 @@ def test_seed_records_have_one_run_per_seed(name: str) -> None:
 
 
 @pytest.mark.parametrize("record, sasrec", [
+    ("ours_hba_transductive", "ours_hba_sasrec"), ("ours_hba_inductive", "ours_hba_sasrec"),
     ("ours_hbv_transductive", "ours_hbv_sasrec"), ("ours_hbv_inductive", "ours_hbv_sasrec"),
     ("ours_hb_transductive", "ours_hb_sasrec"), ("ours_hb_inductive", "ours_hb_sasrec"),
     ("ours_transductive", "ours_sasrec"), ("ours_inductive", "ours_sasrec"), ("ours_text_inductive", "ours_sasrec"),
