@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from missrec.config import HISTORY_BIAS_FITS
 from missrec.data.batching import Batch
 from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
 
@@ -134,6 +135,21 @@ class HistoryScoring:
 
     history_bias: torch.Tensor | None
     affinity_weight: torch.Tensor | None
+
+    def init_history_scoring(self, history_bias: bool, history_bias_fit: str, history_affinity: bool) -> None:
+        """Create the offset (``history_bias``: a parameter when learned in the loss, ``fit`` loss or detached; a
+        buffer when chosen at each validation; None without) and the affinity weight (a buffer, None without;
+        it is chosen with the offset, so it needs ``history_bias_fit="validation"``)."""
+        if history_bias_fit not in HISTORY_BIAS_FITS:
+            raise ValueError(f"history_bias_fit must be one of {HISTORY_BIAS_FITS}, got {history_bias_fit!r}")
+        if history_affinity and not (history_bias and history_bias_fit == "validation"):
+            raise ValueError("history_affinity needs history_bias with history_bias_fit='validation'")
+        self.history_bias_fit = history_bias_fit
+        if history_bias and history_bias_fit == "validation":
+            self.register_buffer("history_bias", torch.zeros(1))
+        else:
+            self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
+        self.register_buffer("affinity_weight", torch.zeros(1) if history_affinity else None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("history_bias", "affinity_weight"):

@@ -64,7 +64,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.config import HISTORY_BIAS_FITS
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
 from missrec.models.history import (
@@ -188,20 +187,9 @@ class MISSRec(HistoryScoring, nn.Module):
             self.decoder = _self_attention_stack(hidden, heads, inner, dropout, attn_dropout, decoder_layers,
                                                  final_norm)
         self.fusion_factor = nn.Parameter(torch.zeros(1))  # [1]: engines cannot broadcast 0-d tensors
-        # an offset, in cosine units, of the items already in the history (0: plain MISSRec): a parameter when
-        # learned in the loss (history_bias_fit loss, detached), a buffer when chosen at each validation
-        if history_bias_fit not in HISTORY_BIAS_FITS:
-            raise ValueError(f"history_bias_fit must be one of {HISTORY_BIAS_FITS}, got {history_bias_fit!r}")
-        self.history_bias_fit = history_bias_fit
-        if history_bias and history_bias_fit == "validation":
-            self.register_buffer("history_bias", torch.zeros(1))
-        else:
-            self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
-        # weight (logits per unit of cosine) of the history affinity: each item's largest similarity to an item of
-        # the history, added to its score; chosen at each validation with the offset (a buffer)
-        if history_affinity and not (history_bias and history_bias_fit == "validation"):
-            raise ValueError("history_affinity needs history_bias with history_bias_fit='validation'")
-        self.register_buffer("affinity_weight", torch.zeros(1) if history_affinity else None)
+        # an offset, in cosine units, of the items already in the history (0: plain MISSRec), and the weight (logits
+        # per unit of cosine) of the history affinity (missrec.models.history)
+        self.init_history_scoring(history_bias, history_bias_fit, history_affinity)
         # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
         self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(1, hidden))

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.config import HISTORY_BIAS_FITS
 from missrec.data.batching import Batch
 from missrec.models.history import (
     OFFSET_GRID,
@@ -75,9 +74,6 @@ class SASRec(HistoryScoring, nn.Module):
             raise ValueError(f"objective must be 'causal' or 'last', got {objective!r}")
         if history_bias and objective != "last":
             raise ValueError("history_bias needs objective='last' (one history per row)")
-        if history_bias_fit not in HISTORY_BIAS_FITS:
-            raise ValueError(f"history_bias_fit must be one of {HISTORY_BIAS_FITS}, got {history_bias_fit!r}")
-        self.history_bias_fit = history_bias_fit
         self.objective = objective
         # which training rows the data layer should feed (see the module docstring)
         self.train_rows = "last_per_user" if objective == "causal" else "all"
@@ -94,16 +90,9 @@ class SASRec(HistoryScoring, nn.Module):
         layer.self_attn.dropout = attn_dropout
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         # an offset of the items already in the history (missrec.models.history), in units of HISTORY_SCALE
-        # logits so that Adam moves it about as fast as MISSRec's (cosine units over τ = 0.07): a parameter when
-        # learned in the loss (history_bias_fit loss, detached), a buffer when chosen at each validation
-        if history_bias and history_bias_fit == "validation":
-            self.register_buffer("history_bias", torch.zeros(1))
-        else:
-            self.history_bias = nn.Parameter(torch.zeros(1)) if history_bias else None
-        # weight of the history affinity (cosine of item embeddings), chosen with the offset at each validation
-        if history_affinity and not (history_bias and history_bias_fit == "validation"):
-            raise ValueError("history_affinity needs history_bias with history_bias_fit='validation'")
-        self.register_buffer("affinity_weight", torch.zeros(1) if history_affinity else None)
+        # logits so that Adam moves it about as fast as MISSRec's (cosine units over τ = 0.07), and the weight of the
+        # history affinity (cosine of item embeddings)
+        self.init_history_scoring(history_bias, history_bias_fit, history_affinity)
         self.apply(init_weights)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
