@@ -78,9 +78,10 @@ def test_finetune_from_backbone_saves_small_adapter(synthetic_root, tmp_path):
     tuned_state = torch.load(tmp_path / "tuned" / "best.pt", weights_only=True)["model"]
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), tuned_state[name]), name
-    # with the buffer fit on the domain: the history offset chosen on validation (the default)
-    assert model.fitted_buffers() == ["history_bias"]
+    # with the buffers fit on the domain: the history offset and affinity weight chosen on validation (the default)
+    assert model.fitted_buffers() == ["history_bias", "affinity_weight"]
     assert torch.equal(model.history_bias, tuned_state["history_bias"]) and model.history_bias.item() < 0
+    assert torch.equal(model.affinity_weight, tuned_state["affinity_weight"])
     # another backbone is refused
     other = tmp_path / "other.pt"
     other.write_bytes(backbone.read_bytes() + b"x")
