@@ -21,7 +21,7 @@ to an item of the history) to its scores, ``w`` chosen with the offset at each v
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -156,6 +156,19 @@ class HistoryScoring:
             if getattr(self, name) is not None and prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def offset_grid(self) -> tuple[float, ...] | None:
+        """The offsets (logits) tried at each validation with ``history_bias_fit="validation"``; else None."""
+        return OFFSET_GRID if self.history_bias is not None and self.history_bias_fit == "validation" else None
+
+    def add_history_terms(
+        self, scores: torch.Tensor, batch: Batch, affinity: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """``scores`` [B, N] with the weighted history affinity (``affinity()`` [B, N], computed only when the weight
+        is not 0) and the history offset (``self.history_offset()``) added."""
+        if self.affinity_weight is not None and bool(self.affinity_weight != 0):
+            scores = scores + self.affinity_weight * affinity()
+        return add_history_offset(scores, batch.seq, self.history_offset())
 
     def affinity_grid(self) -> tuple[float, ...] | None:
         """The affinity weights tried at each validation (:data:`AFFINITY_GRID`); None without the affinity."""

@@ -67,9 +67,7 @@ from torch import nn
 from missrec.data.batching import Batch, length_groups
 from missrec.models.adapters import make_adapter
 from missrec.models.history import (
-    OFFSET_GRID,
     HistoryScoring,
-    add_history_offset,
     history_affinity,
     history_cross_entropy,
 )
@@ -405,10 +403,6 @@ class MISSRec(HistoryScoring, nn.Module):
         """The offset of history items in logits, β / τ [1]; None without ``history_bias``."""
         return None if self.history_bias is None else self.history_bias / self.temperature
 
-    def offset_grid(self) -> tuple[float, ...] | None:
-        """The offsets (logits) tried at each validation with ``history_bias_fit="validation"``; else None."""
-        return OFFSET_GRID if self.history_bias is not None and self.history_bias_fit == "validation" else None
-
     def fitted_buffers(self) -> list[str]:
         """Buffers fit on the fine-tuning domain that its adapter file carries: the offset (and affinity weight)
         chosen on validation."""
@@ -440,10 +434,7 @@ class MISSRec(HistoryScoring, nn.Module):
         """[B, num_items]."""
         tokens = self.item_tokens()
         user, _ = self.encode(batch, tokens)
-        scores = self.score(user, tokens)  # [B, N]
-        if self.affinity_weight is not None and bool(self.affinity_weight != 0):
-            scores = scores + self.affinity_weight * self.history_affinity(batch, tokens)
-        return add_history_offset(scores, batch.seq, self.history_offset())
+        return self.add_history_terms(self.score(user, tokens), batch, lambda: self.history_affinity(batch, tokens))
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Fine-tuning: full-softmax cross-entropy over all items + the interest regulariser."""

@@ -23,9 +23,7 @@ from torch import nn
 
 from missrec.data.batching import Batch
 from missrec.models.history import (
-    OFFSET_GRID,
     HistoryScoring,
-    add_history_offset,
     history_affinity,
     history_cross_entropy,
 )
@@ -117,10 +115,7 @@ class SASRec(HistoryScoring, nn.Module):
 
     def full_scores(self, batch: Batch) -> torch.Tensor:
         """[B, num_items], the history affinity and offset added."""
-        scores = self.plain_scores(batch)
-        if self.affinity_weight is not None and bool(self.affinity_weight != 0):
-            scores = scores + self.affinity_weight * self.history_affinity(batch)
-        return add_history_offset(scores, batch.seq, self.history_offset())
+        return self.add_history_terms(self.plain_scores(batch), batch, lambda: self.history_affinity(batch))
 
     def history_affinity(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]: each item's largest cosine (item embeddings) to an item of the row's history."""
@@ -129,10 +124,6 @@ class SASRec(HistoryScoring, nn.Module):
     def history_offset(self) -> torch.Tensor | None:
         """The offset of history items in logits [1]; None without ``history_bias``."""
         return None if self.history_bias is None else self.history_bias * HISTORY_SCALE
-
-    def offset_grid(self) -> tuple[float, ...] | None:
-        """The offsets (logits) tried at each validation with ``history_bias_fit="validation"``; else None."""
-        return OFFSET_GRID if self.history_bias is not None and self.history_bias_fit == "validation" else None
 
     def set_history_offset(self, logits: float) -> None:
         """Set the history offset to ``logits``."""
