@@ -5,6 +5,7 @@
     python launcher/bench.py extract --items 3000
     python launcher/bench.py pretrain --ranks 1,2 --steps 40
     python launcher/bench.py passes --data-root ../shared/datasets/scientific_mm --domain Scientific
+    python launcher/bench.py serve --run runs/ind --extra 0,100000 --kinds flat,hnsw   # a run with a history affinity
     python launcher/bench.py report [--quick] [--skip mid,pretrain]   # all of them -> docs/benchmarks.md
 """
 
@@ -80,6 +81,16 @@ def cmd_passes(args: argparse.Namespace) -> dict:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> dict:
+    from missrec.bench.serve import run_serve_benchmark
+
+    return run_serve_benchmark(
+        args.run, extra_items=[int(x) for x in args.extra.split(",") if x], kinds=args.kinds.split(","),
+        users=args.users, k=args.k, factors=[int(f) for f in args.factors.split(",")], noise=args.noise,
+        data_root=args.data_root,
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> dict:
     from missrec.bench.report import ReportConfig, render_saved, run_report
     from missrec.errors import ConfigError
@@ -145,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="length-group overheads (positions) to time against one padded pass per batch")
     ps.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     ps.set_defaults(fn=cmd_passes)
+    sv = sub.add_parser("serve", help="a run with a history affinity: index + history neighbours vs full ranking")
+    sv.add_argument("--run", required=True, help="fine-tuning run folder (inductive MISSRec to grow the catalogue)")
+    sv.add_argument("--extra", default="0,100000", help="comma-separated numbers of synthetic items to add")
+    sv.add_argument("--kinds", default="flat,hnsw", help="index kinds: flat, hnsw, ivf")
+    sv.add_argument("--users", type=int, default=500, help="test histories to serve")
+    sv.add_argument("--k", type=int, default=10)
+    sv.add_argument("--factors", default="1,2,5,10", help="candidate factors (pool = k x factor)")
+    sv.add_argument("--noise", type=float, default=0.3, help="synthetic items: noise x each dimension's std")
+    sv.add_argument("--data-root", default=None, help="data folder, if not where the run recorded it")
+    sv.set_defaults(fn=cmd_serve)
     repo = Path(__file__).resolve().parents[1]
     rp = sub.add_parser("report", help="run every benchmark; Markdown report with PNG plots and machine details")
     rp.add_argument("--output", default=str(repo / "docs" / "benchmarks.md"),

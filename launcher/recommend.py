@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--approx", action="store_true", help="approximate index (see --approx-kind)")
     p.add_argument("--approx-kind", choices=["hnsw", "ivf"], default="hnsw")
     p.add_argument("--factor", type=int, default=None, help="candidate pool = k x factor (default 10)")
+    p.add_argument("--no-history-neighbours", action="store_true",
+                   help="a run with a history affinity: pool the user's index candidates only, not also each "
+                        "history item's nearest neighbours")
     p.add_argument("--keep-history", action="store_true", help="allow items of the history in the results")
     p.add_argument("--data-root", default=None, help="data folder, if not where the run recorded it")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (the model; FAISS uses a GPU it sees)")
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     index_cfg = IndexConfig(kind=args.approx_kind if args.approx else "flat")
     cfg = ServeConfig(index=index_cfg, exclude_history=not args.keep_history, device=args.device,
+                      history_neighbours=not args.no_history_neighbours,
                       progress=not args.quiet, **({"candidate_factor": args.factor} if args.factor else {}))
     rec = Recommender.from_run(args.run, cfg, data_root=args.data_root)
     histories: list[list[int | str]] = []

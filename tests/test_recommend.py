@@ -397,17 +397,61 @@ def test_learned_history_offset_is_served_when_history_items_are_kept(transducti
 
 
 @pytest.mark.slow
-def test_history_affinity_is_served_exactly_with_or_without_the_index(transductive_run):
+def test_history_affinity_is_served_from_two_indexes_and_exactly_in_full(transductive_run):
+    from dataclasses import replace
+
+    from missrec.serve.agreement import topk_agreement
+
     rec = Recommender.from_run(transductive_run, QUIET)
     model = rec.model
     assert model.affinity_weight is not None  # the default, missrec.history_affinity=true
     hist = _test_histories(rec)[:64]
     model.set_history_affinity(0.0)
+    rec.topk(hist, 10)
+    assert not rec.neighbours.built  # no affinity, no second index
     plain = _model_scores(rec, hist)
     model.set_history_affinity(3.0)  # whatever the run chose on validation
     assert rec.scorer.affinity_weight == 3.0
     ref = _model_scores(rec, hist)  # the model's own scores, affinity included
     assert not torch.allclose(ref, plain)
-    for kw in ({"full_ranking": True}, {"candidate_factor": 1}):  # the index cannot search it: ranked fully
+    whole = -(-rec.num_items // 10)  # a pool covering the catalogue
+    for kw in ({"full_ranking": True}, {"candidate_factor": whole}):
         ids, scores = rec.topk(hist, 10, exclude_history=False, **kw)
         _assert_topk_matches(ids, scores, ref, 10)
+    # the affinity index (built on first use) holds every item; each history item's nearest neighbours by the
+    # affinity's similarity (brute force) are in the row's pool
+    aff = rec.neighbours.index
+    assert aff.ntotal == rec.num_items
+    vec = rec.scorer.affinity_vectors(torch.arange(rec.num_items))  # [N, K]
+    batch = collate([(0, h, 0) for h in hist], rec.max_len)
+    pool = rec.neighbours.pool(batch, np.full((len(hist), 0), -1, np.int64), 5)
+    for r, h in enumerate(hist):
+        for item in h[-rec.max_len:]:
+            near = torch.topk(vec @ vec[item], 5).values[-1]
+            must = set(torch.nonzero(vec @ vec[item] > near + 1e-5).ravel().tolist())
+            assert must <= set(pool[r].tolist())
+    # re-ranking a bigger pool recovers the exact top-10 monotonically; the history neighbours find more of it
+    # than the user's pool alone
+    factors = (1, 2, 5, whole)
+    agree = topk_agreement(rec, hist, 10, factors=factors, exclude_history=False)
+    overlap = [agree["factors"][f]["overlap"] for f in factors]
+    assert overlap == sorted(overlap) and agree["factors"][whole]["equal"] == 1.0, agree
+    alone = Recommender(model, rec.raw_ids, rec.texts, rec.max_len, replace(QUIET, history_neighbours=False))
+    alone_agree = topk_agreement(alone, hist, 10, factors=(1,), exclude_history=False)
+    assert alone_agree["factors"][1]["overlap"] < overlap[0], (alone_agree, agree)
+
+@pytest.mark.slow
+def test_serve_benchmark_grows_the_catalogue_and_compares_with_full_ranking(inductive_run):
+    from missrec.bench.serve import run_serve_benchmark
+
+    run, _ = inductive_run
+    n = Recommender.from_run(run, QUIET).num_items
+    whole = -(-(n + 300) // 10)
+    out = run_serve_benchmark(run, extra_items=(0, 300), kinds=("flat",), users=40, factors=(1, whole),
+                              affinity_weight=4.0)
+    small, grown = out["results"]
+    assert small["items"] == n and grown["items"] == n + 300 and grown["affinity_weight"] == 4.0
+    for row in (small, grown):
+        assert row["with_neighbours"][whole]["equal"] == 1.0  # a pool covering the catalogue is the full ranking
+        assert row["with_neighbours"][1]["overlap"] >= row["index_alone"][1]["overlap"]
+        assert row["full_ms_per_user"] > 0

@@ -72,12 +72,20 @@ def history_affinity(seq: torch.Tensor, unit: torch.Tensor, first: int = 1) -> t
     items = torch.unique(seq[seq > 0])  # [U]
     if items.numel() == 0:
         return torch.zeros(seq.shape[0], cand.shape[0], dtype=unit.dtype, device=unit.device)
-    sim = unit[items] @ cand.T  # [U, C]
-    pos = torch.searchsorted(items, seq.clamp(min=1))  # [B, L]: row of sim for each history slot
-    out = torch.full((seq.shape[0], cand.shape[0]), float("-inf"), dtype=unit.dtype, device=unit.device)
+    return max_over_history(seq, items, unit[items] @ cand.T)
+
+
+def max_over_history(seq: torch.Tensor, items: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+    """[B, C]: for each row of ``seq`` [B, L] (item values, 0 = padding) and column c, the largest ``sim[u, c]``
+    over the row's history items, where ``sim`` [U, C] holds one row per item of ``items`` [U] (sorted, distinct,
+    covering every non-padding value of ``seq``); 0 for a row without history. Memory stays [B, C]."""
+    out = torch.full((seq.shape[0], sim.shape[1]), float("-inf"), dtype=sim.dtype, device=sim.device)
+    if items.numel() == 0:
+        return torch.zeros_like(out)
+    pos = torch.searchsorted(items, seq.clamp(min=1)).clamp(max=items.numel() - 1)  # [B, L]: row of sim per slot
     for slot in range(seq.shape[1]):
         real = (seq[:, slot] > 0)[:, None]  # [B, 1]
-        out = torch.where(real, torch.maximum(out, sim[pos[:, slot].clamp(max=items.numel() - 1)]), out)
+        out = torch.where(real, torch.maximum(out, sim[pos[:, slot]]), out)
     return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 

@@ -415,9 +415,15 @@ class MISSRec(HistoryScoring, nn.Module):
         (adapted tokens ``tokens`` [M, N + 1, D], default the current ones; a modality missing on either item
         counts 0)."""
         tokens = self.item_tokens() if tokens is None else tokens
-        unit = F.normalize(tokens, dim=-1) * self.present.T[..., None]  # [M, N + 1, D]
-        unit = unit.permute(1, 0, 2).reshape(unit.shape[1], -1) / self.num_modalities ** 0.5  # [N + 1, M·D]
-        return history_affinity(batch.seq, unit)
+        return history_affinity(batch.seq, self.affinity_units(tokens))
+
+    def affinity_units(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, M·D]: vectors whose dot product is the history affinity's similarity of two items (the mean over
+        modalities of the cosines of their adapted tokens, a modality missing on either counting 0), for the
+        item values ``rows`` [R] (default every row, padding included) of ``tokens`` [M, N + 1, D]."""
+        rows = torch.arange(tokens.shape[1], device=tokens.device) if rows is None else rows.to(tokens.device)
+        unit = F.normalize(tokens[:, rows], dim=-1) * self.present[rows].T[..., None]  # [M, R, D]
+        return unit.permute(1, 0, 2).reshape(rows.shape[0], -1) / self.num_modalities ** 0.5  # [R, M·D]
 
     def set_history_offset(self, logits: float) -> None:
         """Set the history offset to ``logits`` (β = logits · τ)."""

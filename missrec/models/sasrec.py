@@ -119,7 +119,13 @@ class SASRec(HistoryScoring, nn.Module):
 
     def history_affinity(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]: each item's largest cosine (item embeddings) to an item of the row's history."""
-        return history_affinity(batch.seq, F.normalize(self.item_emb.weight, dim=-1))
+        return history_affinity(batch.seq, self.affinity_units())
+
+    def affinity_units(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, D]: the normalised item embeddings of item values ``rows`` [R] (default every row), whose dot
+        product is the history affinity's similarity."""
+        weight = self.item_emb.weight if rows is None else self.item_emb.weight[rows.to(self.item_emb.weight.device)]
+        return F.normalize(weight, dim=-1)
 
     def history_offset(self) -> torch.Tensor | None:
         """The offset of history items in logits [1]; None without ``history_bias``."""

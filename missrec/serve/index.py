@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -188,4 +190,26 @@ class ItemIndex:
         return a
 
 
-__all__ = ["KINDS", "IndexConfig", "ItemIndex", "auto_nlist"]
+def index_items(
+    vectors: Callable[[torch.Tensor], np.ndarray | torch.Tensor], num_items: int, dim: int, cfg: IndexConfig,
+    chunk_items: int = 65_536, progress: bool = True, desc: str = "item index",
+) -> ItemIndex:
+    """An index over ``vectors(items)`` ([n] 0-based -> [n, dim]) of items ``0 .. num_items - 1``, added chunk by
+    chunk in item order (IVF: trained first on a sample of ``cfg.train_size`` items)."""
+    index = ItemIndex(dim, cfg)
+    if cfg.kind == "ivf":
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.sort(rng.choice(num_items, size=min(num_items, cfg.train_size), replace=False))
+        index.train(as_float32(vectors(torch.from_numpy(sample))), total=num_items)
+    for lo in tqdm(range(0, num_items, chunk_items), desc=desc, unit="chunk", leave=False,
+                   disable=not progress or num_items <= chunk_items):
+        index.add(as_float32(vectors(torch.arange(lo, min(lo + chunk_items, num_items)))))
+    return index
+
+
+def as_float32(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """float32 numpy of a tensor (any device) or an array."""
+    return x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+
+__all__ = ["KINDS", "IndexConfig", "ItemIndex", "as_float32", "auto_nlist", "index_items"]

@@ -9,9 +9,12 @@ Per query: encode the history with the model, fetch a candidate pool of ``k * ca
 (plus the history length when history items are excluded) from the index, re-rank the pool with the
 model's exact score (with the model's learned offset of history items when they are kept and it has
 one, ``missrec.history_bias``), keep the top k. For SASRec (and MISSRec with one modality, ``fusion="mean"`` or
-a zero fusion factor) the index ranking is already exact; otherwise see :mod:`missrec.serve.scorers`. A run
-with a history affinity (``missrec.history_affinity``: each item's largest similarity to a history item, added
-to its score) is ranked fully and exactly: a max over the history is no inner product the index can search.
+a zero fusion factor) the index ranking is already exact; otherwise see :mod:`missrec.serve.scorers`.
+
+A run with a history affinity (``missrec.history_affinity``: w × each item's largest similarity to a history
+item, added to its score) also pools each history item's ``k * candidate_factor`` nearest neighbours from a
+second index (:mod:`missrec.serve.neighbours`) and re-ranks with the affinity included; how often that gives
+the full ranking's top k is measured by :mod:`missrec.serve.agreement`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from missrec.data.batching import collate
-from missrec.serve.index import IndexConfig, ItemIndex
+from missrec.serve.index import IndexConfig, ItemIndex, index_items
+from missrec.serve.neighbours import HistoryNeighbours
 from missrec.serve.scorers import ItemScorer, MISSRecScorer, TransductiveItemsError, make_scorer
 
 log = logging.getLogger(__name__)
@@ -41,11 +45,14 @@ ItemRef = int | str
 @dataclass(frozen=True)
 class ServeConfig:
     """How to serve. ``candidate_factor``: the index returns ``k * candidate_factor`` candidates for exact
-    re-ranking (1 = trust the index order). ``device``: auto | cpu | cuda (the model; FAISS follows
+    re-ranking (1 = trust the index order). ``history_neighbours``: for a run with a history affinity, also
+    pool each history item's ``k * candidate_factor`` nearest neighbours (False: the user's pool alone, re-ranked
+    with the affinity). ``device``: auto | cpu | cuda (the model; FAISS follows
     ``index.use_gpu``)."""
 
     index: IndexConfig = field(default_factory=IndexConfig)
     candidate_factor: int = 10
+    history_neighbours: bool = True  # a run with a history affinity: each history item's neighbours join the pool
     exclude_history: bool = True
     batch_size: int = 256
     chunk_items: int = 65_536  # items per chunk while building the index
@@ -113,6 +120,7 @@ class Recommender:
             self._index_of[raw] = i
         self.data: Any = None  # the run's DomainData when built by from_run
         self.index = self._build_index()
+        self.neighbours = HistoryNeighbours(self.scorer, cfg.index, cfg.chunk_items, cfg.progress)
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -130,22 +138,11 @@ class Recommender:
 
     def _build_index(self) -> ItemIndex:
         t0 = time.perf_counter()
-        n = self.scorer.num_items
-        index = ItemIndex(self.scorer.dim, self.cfg.index)
-        if self.cfg.index.kind == "ivf":
-            rng = np.random.default_rng(self.cfg.index.seed)
-            sample = np.sort(rng.choice(n, size=min(n, self.cfg.index.train_size), replace=False))
-            index.train(self.scorer.item_vectors(torch.from_numpy(sample)), total=n)
-        step = self.cfg.chunk_items
-        for lo in tqdm(range(0, n, step), desc="item index", unit="chunk", leave=False,
-                       disable=not self.cfg.progress or n <= step):
-            index.add(self.scorer.item_vectors(torch.arange(lo, min(lo + step, n))))
+        index = index_items(self.scorer.item_vectors, self.num_items, self.scorer.dim, self.cfg.index,
+                            self.cfg.chunk_items, self.cfg.progress)
         self.index_seconds = time.perf_counter() - t0
-        log.info("item index %s over %d items in %.3fs (proxy exact: %s)", index.info["kind"], n,
+        log.info("item index %s over %d items in %.3fs (proxy exact: %s)", index.info["kind"], self.num_items,
                  self.index_seconds, self.scorer.proxy_is_exact)
-        if self.scorer.affinity_weight:
-            log.warning("the run scores a history affinity (weight %g): every query is ranked fully and exactly, "
-                        "the index is not used to retrieve candidates", self.scorer.affinity_weight)
         return index
 
     # ------------------------------------------------------------------------------ catalogue
@@ -248,8 +245,8 @@ class Recommender:
         user = self.scorer.encode(batch)  # [B, D]
         seen = [np.unique(np.asarray(h, dtype=np.int64)) for h in histories]
         offset = self.scorer.history_offset  # the model's learned offset of history items (0: none)
-        weight = self.scorer.affinity_weight  # the model's history affinity: a max over history items, no index
-        if full or weight:
+        weight = self.scorer.affinity_weight  # the model's history affinity weight (0: none)
+        if full:
             scores = self.scorer.full_scores(user).float()  # [B, N]
             if weight:
                 scores = scores + weight * self.scorer.history_affinity(batch).float()
@@ -257,10 +254,14 @@ class Recommender:
         else:
             extra = max(s.size for s in seen) if exclude else 0
             _, cand = self.index.search(self.scorer.query_vectors(user), k * factor + extra)  # [B, P]
+            if weight and self.cfg.history_neighbours:
+                cand = self.neighbours.pool(batch, cand, k * factor)  # [B, P']
             uniq = np.unique(cand[cand >= 0])
             if uniq.size == 0:  # nothing retrieved (an approximate index can come back empty)
                 return np.full((len(histories), 0), -1, np.int64), np.zeros((len(histories), 0), np.float32)
             exact = self.scorer.scores(user, torch.from_numpy(uniq)).float()  # [B, U]
+            if weight:
+                exact = exact + weight * self.neighbours.affinity(batch, uniq).to(exact.device)
             pos = torch.from_numpy(np.searchsorted(uniq, np.clip(cand, 0, None)))  # [B, P]
             scores = exact.gather(1, pos.to(exact.device))
             scores = scores.masked_fill(torch.from_numpy(cand < 0).to(scores.device), float("-inf"))
@@ -319,6 +320,7 @@ class Recommender:
         self.scorer.add_items(tables)
         new = torch.arange(start, start + n)
         self.index.add(self.scorer.item_vectors(new))
+        self.neighbours.add(new)
         for i, (raw, text) in enumerate(zip(raw_ids, texts, strict=True)):
             self._index_of[raw] = start + i
             self.raw_ids.append(raw)
@@ -356,7 +358,8 @@ class Recommender:
         """The index description plus the serving settings."""
         return {**self.index.info, "index_seconds": round(self.index_seconds, 4),
                 "candidate_factor": self.cfg.candidate_factor, "proxy_exact": bool(self.scorer.proxy_is_exact),
-                "num_items": self.num_items}
+                "num_items": self.num_items, "affinity_weight": self.scorer.affinity_weight,
+                "history_neighbours": bool(self.scorer.affinity_weight and self.cfg.history_neighbours)}
 
     def split_histories(self, split: str = "test", limit: int | None = None) -> list[list[int]]:
         """Histories (0-based indices) of a split of the run's domain (``from_run`` only), up to ``limit``."""

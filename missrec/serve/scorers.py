@@ -41,7 +41,7 @@ class ItemScorer(Protocol):
     dim: int  # index vector width
     proxy_is_exact: bool  # the index inner product ranks exactly as the model's score
     history_offset: float  # what the model adds to the scores of history items, in logits (0: nothing)
-    affinity_weight: float  # weight of the model's history affinity in its scores (0: none; needs full ranking)
+    affinity_weight: float  # weight of the model's history affinity in its scores (0: none)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """User vectors [B, D]."""
@@ -60,6 +60,9 @@ class ItemScorer(Protocol):
 
     def history_affinity(self, batch: Batch) -> torch.Tensor:
         """[B, num_items]: each item's largest similarity to an item of the row's history (0 without one)."""
+
+    def affinity_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """[n] (0-based) -> [n, K] float32: vectors whose dot product is the history affinity's similarity."""
 
 
 def _history_offset(model: nn.Module) -> float:
@@ -105,6 +108,11 @@ class SASRecScorer:
     def history_affinity(self, batch: Batch) -> torch.Tensor:
         """[B, N], as ``SASRec.history_affinity``."""
         return self.model.history_affinity(batch.to(self.weight.device))
+
+    @torch.no_grad()
+    def affinity_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """[n] -> [n, D]: the normalised item embeddings."""
+        return self.model.affinity_units(items.to(self.weight.device) + 1).float()
 
     def item_vectors(self, items: torch.Tensor) -> np.ndarray:
         """[n] -> [n, D]: the item embeddings."""
@@ -158,6 +166,11 @@ class MISSRecScorer:
     def history_affinity(self, batch: Batch) -> torch.Tensor:
         """[B, N], as ``MISSRec.history_affinity`` over the served tokens (new items included)."""
         return self.model.history_affinity(batch.to(self.tokens.device), self.tokens)
+
+    @torch.no_grad()
+    def affinity_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """[n] -> [n, M * D]: the served tokens, normalised, a missing modality zeroed, over sqrt(M)."""
+        return self.model.affinity_units(self.tokens, items.to(self.tokens.device) + 1).float()
 
     @property
     def proxy_is_exact(self) -> bool:
