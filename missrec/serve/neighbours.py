@@ -5,8 +5,8 @@ A model with ``history_affinity`` adds ``w`` × each item's largest similarity t
 inner product with the user vector searches. :class:`HistoryNeighbours` keeps a second index over the items'
 affinity vectors (:meth:`~missrec.serve.scorers.ItemScorer.affinity_vectors`, whose dot product is the
 similarity), built on first use, and joins each history item's nearest neighbours to the user's pool; the
-recommender then re-ranks the pool with the exact score, the affinity (:meth:`HistoryNeighbours.affinity`)
-included. An item left out is neither among the user vector's candidates nor near any history item.
+recommender then re-ranks the pool with the exact score, the affinity included
+(:meth:`HistoryNeighbours.pool_scores`). An item left out is neither among the user vector's candidates nor near any history item.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from missrec.data.batching import Batch
-from missrec.models.history import max_over_history
 from missrec.serve.index import IndexConfig, ItemIndex, as_float32, index_items
 from missrec.serve.scorers import ItemScorer
 
@@ -76,13 +75,27 @@ class HistoryNeighbours:
         return out
 
     @torch.no_grad()
-    def affinity(self, batch: Batch, items: np.ndarray) -> torch.Tensor:
-        """[B, C]: the history affinity of ``items`` [C] (0-based) for each row of ``batch``, as the model scores
-        it (the largest similarity to an item of the row's window ``batch.seq``; 0 without history)."""
-        seq = batch.seq
-        hist = torch.unique(seq[seq > 0])  # [U] item values
-        sim = self.scorer.affinity_vectors(hist - 1) @ self.scorer.affinity_vectors(torch.from_numpy(items)).T  # [U, C]
-        return max_over_history(seq.to(sim.device), hist.to(sim.device), sim)
+    def pool_scores(self, user: torch.Tensor, batch: Batch, cand: np.ndarray, weight: float) -> torch.Tensor:
+        """The model's exact scores of each row's pool ``cand`` [B, P] (0-based, -1 = none, scored -inf) for users
+        ``user`` [B, D], with ``weight`` × the history affinity (the largest similarity to an item of the row's
+        window ``batch.seq``) added: [B, P] float32. Row by row, so the cost follows the pools, not the catalogue
+        (a batch's pools together can span most of it)."""
+        seq = batch.seq.cpu()  # [B, L] item values, 0 = padding
+        hist = torch.unique(seq[seq > 0])  # [U]
+        hist_vec = self.scorer.affinity_vectors(hist - 1)  # [U, K]
+        out = torch.full(cand.shape, float("-inf"), dtype=torch.float32, device=user.device)
+        for r in range(cand.shape[0]):
+            keep = np.flatnonzero(cand[r] >= 0)
+            if keep.size == 0:
+                continue
+            items = torch.from_numpy(cand[r, keep])
+            score = self.scorer.scores(user[r : r + 1], items)[0].float()  # [n]
+            mine = torch.searchsorted(hist, seq[r][seq[r] > 0])  # rows of hist_vec in this history
+            if mine.numel():
+                sim = hist_vec[mine.to(hist_vec.device)] @ self.scorer.affinity_vectors(items).T  # [L_r, n]
+                score = score + weight * sim.max(0).values.to(score.device)
+            out[r, torch.from_numpy(keep).to(out.device)] = score.to(out.device)
+        return out
 
 
 __all__ = ["HistoryNeighbours"]

@@ -254,17 +254,18 @@ class Recommender:
         else:
             extra = max(s.size for s in seen) if exclude else 0
             _, cand = self.index.search(self.scorer.query_vectors(user), k * factor + extra)  # [B, P]
-            if weight and self.cfg.history_neighbours:
-                cand = self.neighbours.pool(batch, cand, k * factor)  # [B, P']
-            uniq = np.unique(cand[cand >= 0])
-            if uniq.size == 0:  # nothing retrieved (an approximate index can come back empty)
+            if not (cand >= 0).any():  # nothing retrieved (an approximate index can come back empty)
                 return np.full((len(histories), 0), -1, np.int64), np.zeros((len(histories), 0), np.float32)
-            exact = self.scorer.scores(user, torch.from_numpy(uniq)).float()  # [B, U]
-            if weight:
-                exact = exact + weight * self.neighbours.affinity(batch, uniq).to(exact.device)
-            pos = torch.from_numpy(np.searchsorted(uniq, np.clip(cand, 0, None)))  # [B, P]
-            scores = exact.gather(1, pos.to(exact.device))
-            scores = scores.masked_fill(torch.from_numpy(cand < 0).to(scores.device), float("-inf"))
+            if weight:  # the history affinity: pool each history item's neighbours too, score row by row
+                if self.cfg.history_neighbours:
+                    cand = self.neighbours.pool(batch, cand, k * factor)  # [B, P']
+                scores = self.neighbours.pool_scores(user, batch, cand, weight)  # [B, P']
+            else:
+                uniq = np.unique(cand[cand >= 0])
+                exact = self.scorer.scores(user, torch.from_numpy(uniq)).float()  # [B, U]
+                pos = torch.from_numpy(np.searchsorted(uniq, np.clip(cand, 0, None)))  # [B, P]
+                scores = exact.gather(1, pos.to(exact.device))
+                scores = scores.masked_fill(torch.from_numpy(cand < 0).to(scores.device), float("-inf"))
         if exclude or offset:
             rows, cols = self._history_cells(seen, cand)
             rows, cols = rows.to(scores.device), cols.to(scores.device)
