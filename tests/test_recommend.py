@@ -424,7 +424,7 @@ def test_history_affinity_is_served_from_two_indexes_and_exactly_in_full(transdu
     assert aff.ntotal == rec.num_items
     vec = rec.scorer.affinity_vectors(torch.arange(rec.num_items))  # [N, K]
     batch = collate([(0, h, 0) for h in hist], rec.max_len)
-    pool = rec.neighbours.pool(batch, np.full((len(hist), 0), -1, np.int64), 5)
+    pool, _ = rec.neighbours.rerank(rec.scorer.encode(batch), batch, np.full((len(hist), 0), -1, np.int64), 3.0, 5)
     for r, h in enumerate(hist):
         for item in h[-rec.max_len:]:
             near = torch.topk(vec @ vec[item], 5).values[-1]
@@ -439,6 +439,7 @@ def test_history_affinity_is_served_from_two_indexes_and_exactly_in_full(transdu
     alone = Recommender(model, rec.raw_ids, rec.texts, rec.max_len, replace(QUIET, history_neighbours=False))
     alone_agree = topk_agreement(alone, hist, 10, factors=(1,), exclude_history=False)
     assert alone_agree["factors"][1]["overlap"] < overlap[0], (alone_agree, agree)
+
 
 @pytest.mark.slow
 def test_serve_benchmark_grows_the_catalogue_and_compares_with_full_ranking(inductive_run):

@@ -70,9 +70,7 @@ def history_affinity(seq: torch.Tensor, unit: torch.Tensor, first: int = 1) -> t
     batch's distinct history items, one [U, C] product, never [B, L, C]."""
     cand = unit[first:]  # [C, K]
     items = torch.unique(seq[seq > 0])  # [U]
-    if items.numel() == 0:
-        return torch.zeros(seq.shape[0], cand.shape[0], dtype=unit.dtype, device=unit.device)
-    return max_over_history(seq, items, unit[items] @ cand.T)
+    return max_over_history(seq, items, unit[items] @ cand.T)  # [U, C] rows gathered per slot
 
 
 def max_over_history(seq: torch.Tensor, items: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ inner product with the user vector searches. :class:`HistoryNeighbours` keeps a 
 affinity vectors (:meth:`~missrec.serve.scorers.ItemScorer.affinity_vectors`, whose dot product is the
 similarity), built on first use, and joins each history item's nearest neighbours to the user's pool; the
 recommender then re-ranks the pool with the exact score, the affinity included
-(:meth:`HistoryNeighbours.pool_scores`). An item left out is neither among the user vector's candidates nor near any history item.
+(:meth:`HistoryNeighbours.rerank`). An item left out is neither among the user vector's candidates nor near any history item.
 """
 
 from __future__ import annotations
@@ -55,18 +55,30 @@ class HistoryNeighbours:
         if self._index is not None:
             self._index.add(as_float32(self.scorer.affinity_vectors(items)))
 
-    def pool(self, batch: Batch, cand: np.ndarray, n: int) -> np.ndarray:
-        """The pool ``cand`` [B, P] (0-based ids, -1 = none) joined, per row, with the ``n`` nearest neighbours of
-        each item of the row's history (the model's window ``batch.seq``): [B, P'], each row's distinct ids
-        ascending, then -1."""
+    @torch.no_grad()
+    def rerank(
+        self, user: torch.Tensor, batch: Batch, cand: np.ndarray, weight: float, n: int
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Join to each row's pool ``cand`` [B, P] (0-based ids, -1 = none) the ``n`` nearest neighbours of each item
+        of the row's history (the model's window ``batch.seq``; ``n`` 0: none), and score the pool exactly for users
+        ``user`` [B, D] with ``weight`` × the history affinity added. Returns (pool [B, P'], each row's distinct
+        ids ascending then -1 when neighbours were joined; scores [B, P'] float32, -inf on -1). The history items'
+        affinity vectors are computed once for both steps."""
         seq = batch.seq.cpu()  # [B, L] item values, 0 = padding
-        items = torch.unique(seq[seq > 0])  # [U]
-        if items.numel() == 0:
-            return cand
-        _, near = self.index.search(as_float32(self.scorer.affinity_vectors(items - 1)), n)  # [U, n]
+        hist = torch.unique(seq[seq > 0])  # [U]
+        hist_vec = self.scorer.affinity_vectors(hist - 1)  # [U, K]
+        if n > 0 and hist.numel():
+            cand = self._join_neighbours(seq, hist, hist_vec, cand, n)
+        return cand, self._scores(user, seq, hist, hist_vec, cand, weight)
+
+    def _join_neighbours(
+        self, seq: torch.Tensor, hist: torch.Tensor, hist_vec: torch.Tensor, cand: np.ndarray, n: int
+    ) -> np.ndarray:
+        """``cand`` [B, P] joined, per row, with the ``n`` nearest neighbours of its history items: [B, P']."""
+        _, near = self.index.search(as_float32(hist_vec), n)  # [U, n]
         rows = []
         for r in range(seq.shape[0]):
-            mine = np.searchsorted(items.numpy(), seq[r][seq[r] > 0].numpy())  # rows of `near` for this history
+            mine = np.searchsorted(hist.numpy(), seq[r][seq[r] > 0].numpy())  # rows of `near` for this history
             ids = np.concatenate([cand[r], near[mine].ravel()])
             rows.append(np.unique(ids[ids >= 0]))
         out = np.full((len(rows), max(len(x) for x in rows)), -1, dtype=np.int64)
@@ -74,15 +86,12 @@ class HistoryNeighbours:
             out[r, : ids.size] = ids
         return out
 
-    @torch.no_grad()
-    def pool_scores(self, user: torch.Tensor, batch: Batch, cand: np.ndarray, weight: float) -> torch.Tensor:
-        """The model's exact scores of each row's pool ``cand`` [B, P] (0-based, -1 = none, scored -inf) for users
-        ``user`` [B, D], with ``weight`` × the history affinity (the largest similarity to an item of the row's
-        window ``batch.seq``) added: [B, P] float32. Row by row, so the cost follows the pools, not the catalogue
-        (a batch's pools together can span most of it)."""
-        seq = batch.seq.cpu()  # [B, L] item values, 0 = padding
-        hist = torch.unique(seq[seq > 0])  # [U]
-        hist_vec = self.scorer.affinity_vectors(hist - 1)  # [U, K]
+    def _scores(
+        self, user: torch.Tensor, seq: torch.Tensor, hist: torch.Tensor, hist_vec: torch.Tensor, cand: np.ndarray,
+        weight: float,
+    ) -> torch.Tensor:
+        """[B, P]: exact scores of each row's pool plus ``weight`` × affinity, row by row, so the cost follows the
+        pools, not the catalogue (a batch's pools together can span most of it)."""
         out = torch.full(cand.shape, float("-inf"), dtype=torch.float32, device=user.device)
         for r in range(cand.shape[0]):
             keep = np.flatnonzero(cand[r] >= 0)

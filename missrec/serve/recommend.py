@@ -257,9 +257,8 @@ class Recommender:
             if not (cand >= 0).any():  # nothing retrieved (an approximate index can come back empty)
                 return np.full((len(histories), 0), -1, np.int64), np.zeros((len(histories), 0), np.float32)
             if weight:  # the history affinity: pool each history item's neighbours too, score row by row
-                if self.cfg.history_neighbours:
-                    cand = self.neighbours.pool(batch, cand, k * factor)  # [B, P']
-                scores = self.neighbours.pool_scores(user, batch, cand, weight)  # [B, P']
+                n = k * factor if self.cfg.history_neighbours else 0
+                cand, scores = self.neighbours.rerank(user, batch, cand, weight, n)  # [B, P']
             else:
                 uniq = np.unique(cand[cand >= 0])
                 exact = self.scorer.scores(user, torch.from_numpy(uniq)).float()  # [B, U]
