@@ -3,12 +3,24 @@
     python launcher/prepare_data.py amazon --ratings Industrial_and_Scientific.csv \
         --meta meta_Industrial_and_Scientific.json.gz --domain Scientific --out data/
     python launcher/prepare_data.py generic --interactions inter.csv --items items.tsv --domain Shop --out data/
+    python launcher/prepare_data.py unisrec --inter Games-6k.test.inter --items Games-6k.item \
+        --domain Games --out data/
+    python launcher/prepare_data.py sequences --sequences toys/user_sequence.txt --names toys/item_names.txt \
+        --domain Toys --out data/
     python launcher/prepare_data.py merge --inputs data/Food data/Home --domain Pretrain --out data/
     python launcher/prepare_data.py export --data-root ../shared/datasets/scientific --domain Scientific \
         --out raw/
 
 Each writes ``<out>/<domain>/`` (``export``: generic raw files in ``<out>``) and prints its summary as one
 JSON line, the last line of stdout. Either raw file may be gzip-compressed.
+
+``unisrec`` and ``sequences`` read published, already filtered domains (formats: missrec/data/raw_sources.py):
+a RecBole ``.item`` table + a one-row-per-user ``.inter`` file (history + last item), or
+``user_sequence.txt`` (user id, then item ids, oldest first) + ``item_names.txt`` (item id, space, text).
+They keep the data as published (k-core off unless --k/--user-k/--item-k ask for it), then split and
+write like the others (leave-one-out, histories cut to --max-len). An item in a history without text
+(no line in the item file, or empty text) is an error naming the history file and line, unless
+--drop-textless drops such items (counted by reason in <D>.prepare.json).
 """
 
 from __future__ import annotations
@@ -18,7 +30,13 @@ import json
 import logging
 import sys
 
-from missrec.data.prepare import PrepareConfig, prepare_amazon, prepare_generic
+from missrec.data.prepare import (
+    PrepareConfig,
+    prepare_amazon,
+    prepare_generic,
+    prepare_sequences,
+    prepare_unisrec,
+)
 from missrec.data.prepare_merge import export_interactions, merge_domains
 from missrec.errors import ConfigError, DataFormatError
 
@@ -62,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--interactions", required=True)
     g.add_argument("--items", required=True, help="TSV or CSV with item_id, text and optionally image")
     _common(g, 5)
+    u = sub.add_parser("unisrec", help="RecBole .item (item_id, title) + one-row-per-user .inter")
+    u.add_argument("--inter", required=True, help="user_id, item_id_list, item_id TSV: one row per user")
+    u.add_argument("--items", required=True, help="item_id:token + title:token_seq (or text:token_seq) TSV")
+    s = sub.add_parser("sequences", help="user_sequence.txt (user, items oldest first) + item_names.txt")
+    s.add_argument("--sequences", required=True, help="a line per user: user id, item ids (oldest first)")
+    s.add_argument("--names", required=True, help="one item a line: item id, a space, then its text")
+    for sp in (u, s):
+        sp.add_argument("--drop-textless", action="store_true",
+                        help="drop items without text from the histories (counted) instead of stopping")
+        _common(sp, 0)
     m = sub.add_parser("merge", help="merge prepared domains; ids become Domain:raw_id")
     m.add_argument("--inputs", nargs="+", required=True, help="prepared domain folders, each PATH or LABEL=PATH (LABEL: the id prefix)")
     _common(m, 0)
@@ -83,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                 result = prepare_amazon(args.ratings, args.meta, args.domain, args.out, cfg)
             elif args.cmd == "generic":
                 result = prepare_generic(args.interactions, args.items, args.domain, args.out, cfg)
+            elif args.cmd == "unisrec":
+                result = prepare_unisrec(args.inter, args.items, args.domain, args.out, cfg,
+                                         args.drop_textless)
+            elif args.cmd == "sequences":
+                result = prepare_sequences(args.sequences, args.names, args.domain, args.out, cfg,
+                                           args.drop_textless)
             else:
                 result = merge_domains(args.inputs, args.domain, args.out, cfg)
     except (DataFormatError, ConfigError, FileNotFoundError) as err:

@@ -9,6 +9,10 @@ Steps, in order (each one's counts before/after go to ``<D>.prepare.json``):
    dropped, both from the previous pass's counts, until a pass drops nothing (0 or 1 disables).
 4. ``short_history``: users with fewer than 3 interactions (no leave-one-out split) are dropped.
 
+Readers: ``raw_amazon`` (Amazon 2018 files), ``raw_generic`` (any interactions + item tables) and
+``raw_sources`` (published, already filtered histories; timestamps are sequence positions, and
+``SOURCE_DEFAULTS`` turns the k-core off so the data stays as published).
+
 Ordering and indices (deterministic; UniSRec's own order came from a Python set):
 
 - users are indexed in the order of their first remaining interaction in the input;
@@ -325,6 +329,31 @@ def prepare_generic(interactions: str | Path, items: str | Path, domain: str, ou
     return finish(cat, domain, out_dir, cfg, "generic", t0=t0)
 
 
+SOURCE_DEFAULTS = PrepareConfig(user_k=0, item_k=0)  # published sources are filtered already: no re-filtering
+
+
+def prepare_unisrec(inter: str | Path, items: str | Path, domain: str, out_dir: str | Path,
+                    cfg: PrepareConfig = SOURCE_DEFAULTS, drop_textless: bool = False) -> dict:
+    """A one-row-per-user RecBole ``.inter`` file + its ``.item`` file -> a domain (``raw_sources``)."""
+    from missrec.data.raw_sources import read_unisrec
+
+    t0 = time.perf_counter()
+    check_domain_name(domain)
+    cat = read_unisrec(inter, items, cfg.skip_malformed, drop_textless, cfg.progress)
+    return finish(cat, domain, out_dir, cfg, "unisrec", {"drop_textless": drop_textless}, t0)
+
+
+def prepare_sequences(sequences: str | Path, names: str | Path, domain: str, out_dir: str | Path,
+                      cfg: PrepareConfig = SOURCE_DEFAULTS, drop_textless: bool = False) -> dict:
+    """``user_sequence.txt`` + ``item_names.txt`` -> a domain (see ``missrec.data.raw_sources``)."""
+    from missrec.data.raw_sources import read_sequences
+
+    t0 = time.perf_counter()
+    check_domain_name(domain)
+    cat = read_sequences(sequences, names, cfg.skip_malformed, drop_textless, cfg.progress)
+    return finish(cat, domain, out_dir, cfg, "sequences", {"drop_textless": drop_textless}, t0)
+
+
 def prepared_domains(paths: Sequence[str | Path]) -> list[tuple[str, Path, str]]:
     """``[(label, folder, file prefix)]`` for prepared domain folders given as ``path`` or ``LABEL=path``.
 
@@ -349,6 +378,7 @@ def prepared_domains(paths: Sequence[str | Path]) -> list[tuple[str, Path, str]]
 
 __all__ = [
     "FORMAT",
+    "SOURCE_DEFAULTS",
     "PrepareConfig",
     "PreparedDomain",
     "build_domain",
@@ -356,6 +386,8 @@ __all__ = [
     "finish",
     "prepare_amazon",
     "prepare_generic",
+    "prepare_sequences",
+    "prepare_unisrec",
     "prepared_domains",
     "write_domain",
 ]
