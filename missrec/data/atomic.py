@@ -216,29 +216,38 @@ def read_text(path: Path, item_ids: list[str] | None, num_items: int | None) -> 
     return [out[i] for i in range(n)]
 
 
-def read_features(path: Path, num_items: int, dim: int | None = None, check_finite: bool = True) -> np.ndarray:
-    """Memory-map a raw float32 feature file as ``[num_items, dim]`` (dim inferred when not given).
+FEATURE_DTYPES = {"float32": "<f4", "float16": "<f2"}  # storage types of feature tables (little-endian)
+
+
+def read_features(
+    path: Path, num_items: int, dim: int | None = None, check_finite: bool = True, dtype: str = "float32"
+) -> np.ndarray:
+    """Memory-map a raw feature file (``dtype`` float32, or float16 in shard folders that chose it) as
+    ``[num_items, dim]`` (dim inferred when not given).
 
     Raises ``DataFormatError`` when the size does not divide into the item count, or (``check_finite``)
     when a row holds NaN or inf: the error names the row as the "line".
     """
+    if dtype not in FEATURE_DTYPES:
+        raise DataFormatError(path, f"feature dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+    width = np.dtype(FEATURE_DTYPES[dtype]).itemsize
     size = path.stat().st_size
-    if size % 4:
-        raise DataFormatError(path, f"size {size} bytes is not a whole number of float32 values")
-    n_values = size // 4
+    if size % width:
+        raise DataFormatError(path, f"size {size} bytes is not a whole number of {dtype} values")
+    n_values = size // width
     if num_items <= 0:
         raise DataFormatError(path, "the domain has no items")
     if dim is None:
         if n_values % num_items:
             raise DataFormatError(
-                path, f"{n_values} float32 values do not divide into {num_items} items (size {size} bytes)"
+                path, f"{n_values} {dtype} values do not divide into {num_items} items (size {size} bytes)"
             )
         dim = n_values // num_items
     if n_values != num_items * dim:
         raise DataFormatError(
-            path, f"expected {num_items} x {dim} float32 = {num_items * dim * 4} bytes, found {size}"
+            path, f"expected {num_items} x {dim} {dtype} = {num_items * dim * width} bytes, found {size}"
         )
-    arr = np.memmap(path, dtype="<f4", mode="r", shape=(num_items, dim))
+    arr = np.memmap(path, dtype=FEATURE_DTYPES[dtype], mode="r", shape=(num_items, dim))
     if check_finite:
         step = max(1, (1 << 24) // max(dim, 1))
         for start in range(0, num_items, step):
@@ -331,15 +340,24 @@ def write_text(path: str | Path, raw_ids: Sequence[str], texts: Sequence[str]) -
             fh.write(f"{raw}\t{_clean_field(text)}\n")
 
 
-def write_features(path: str | Path, feats: np.ndarray) -> None:
-    """Write ``[num_items, dim]`` features as raw little-endian float32, atomically."""
-    arr = np.ascontiguousarray(feats, dtype="<f4")
-    if arr.ndim != 2:
-        raise ValueError(f"features must be 2-D [num_items, dim], got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"refusing to write NaN/inf features to {path}")
+def write_features(path: str | Path, feats: np.ndarray, dtype: str = "float32") -> None:
+    """Write ``[num_items, dim]`` features as raw little-endian ``dtype`` (float32 or float16), atomically, a block
+    of rows at a time (a memory-mapped table is never copied whole). float16 halves the table; values beyond its
+    range (65504) are refused rather than turned into inf."""
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+    if np.ndim(feats) != 2:
+        raise ValueError(f"features must be 2-D [num_items, dim], got shape {np.shape(feats)}")
+    step = max(1, (1 << 24) // max(1, np.shape(feats)[1]))
     with atomic_open(path, "wb") as fh:
-        fh.write(arr.tobytes())
+        for s in range(0, np.shape(feats)[0], step):
+            src = np.asarray(feats[s : s + step])
+            if not np.isfinite(src).all():
+                raise ValueError(f"refusing to write NaN/inf features to {path}")
+            block = np.ascontiguousarray(src, dtype=FEATURE_DTYPES[dtype])
+            if not np.isfinite(block).all():
+                raise ValueError(f"features of {path} exceed the {dtype} range (|x| > 65504): store them as float32")
+            fh.write(block.tobytes())
 
 
 def _clean_field(text: str) -> str:
@@ -347,6 +365,7 @@ def _clean_field(text: str) -> str:
 
 
 __all__ = [
+    "FEATURE_DTYPES",
     "INTER_HEADER",
     "TEXT_HEADER",
     "Domain",

@@ -96,10 +96,12 @@ def write_domain_shards(
     samples_per_shard: int = 10000,
     feature_suffixes: Sequence[str] = (),
     show_progress: bool = True,
+    feature_dtype: str = "float32",
 ) -> dict:
     """Write ``domain`` as WebDataset shards + item tables + ``manifest.json`` into ``out_dir``.
 
-    ``feature_suffixes`` selects tables of ``domain.features`` to copy next to the shards. Everything is
+    ``feature_suffixes`` selects tables of ``domain.features`` to copy next to the shards, stored as
+    ``feature_dtype`` (``float16`` halves them; readers memory-map them either way). Everything is
     written into a staging sibling, ``.<out_dir name>.incoming``, the manifest last; only the complete
     folder then replaces ``out_dir`` (:func:`missrec.io.replace_folder`: one atomic exchange). A write
     that fails or dies half-way (full disk, kill) leaves the previous complete ``out_dir`` as it was,
@@ -135,8 +137,9 @@ def write_domain_shards(
                 f"feature table {suffix!r} has shape {arr.shape}, expected [{domain.num_items}, dim]"
             )
         fname = f"{domain.name}.{suffix}"
-        write_features(out_dir / fname, arr)
-        features[suffix] = {"file": fname, "dim": int(arr.shape[1]), "sha256": sha256_file(out_dir / fname)}
+        write_features(out_dir / fname, arr, feature_dtype)
+        features[suffix] = {"file": fname, "dim": int(arr.shape[1]), "dtype": feature_dtype,
+                            "sha256": sha256_file(out_dir / fname)}
     tables = {}
     item_ids = domain.item_ids
     if item_ids is not None:

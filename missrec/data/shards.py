@@ -127,6 +127,15 @@ class ShardSource:
         sp = self._split(split)
         return int(sp["last_rows"] if last_per_user else sp["rows"])
 
+    def shard_entries(self, split: str) -> list[dict]:
+        """The shards of ``split`` the readers take: ``{"url", "samples", "bytes"}`` each, in manifest order
+        (shards excluded by :meth:`verify` left out)."""
+        return [
+            {"url": str(self.folder / s["file"]), "samples": int(s["samples"]), "bytes": s.get("bytes")}
+            for s in self._split(split)["shards"]
+            if s["file"] not in self._excluded
+        ]
+
     def shard_paths(self, split: str) -> list[Path]:
         return [self.folder / s["file"] for s in self._split(split)["shards"]]
 
@@ -137,14 +146,22 @@ class ShardSource:
             raise KeyError(f"unknown split {split!r}; the manifest has {sorted(self.manifest['splits'])}") from None
 
     # ---- item tables
-    def features(self, suffix: str) -> np.ndarray:
-        """The ``[num_items, dim]`` float32 table ``suffix`` as a read-only memmap."""
+    def features(self, suffix: str, check_finite: bool = True) -> np.ndarray:
+        """The ``[num_items, dim]`` table ``suffix`` as a read-only memmap (float32, or float16 when the
+        folder was written so). ``check_finite=False`` skips the scan of every row (large tables whose rows
+        are checked when gathered, :class:`missrec.data.feature_store.FeatureStore`)."""
         if suffix not in self._features:
-            info = self.manifest["features"].get(suffix)
-            if info is None:
-                raise KeyError(f"{self.folder}: no feature table {suffix!r}; available: {self.feature_suffixes}")
-            self._features[suffix] = read_features(self.folder / info["file"], self.num_items, int(info["dim"]))
+            info = self.feature_info(suffix)
+            self._features[suffix] = read_features(self.folder / info["file"], self.num_items, int(info["dim"]),
+                                                   check_finite, info.get("dtype", "float32"))
         return self._features[suffix]
+
+    def feature_info(self, suffix: str) -> dict:
+        """The manifest's entry of table ``suffix``: file, dim, dtype (float32 when absent), sha256."""
+        info = self.manifest["features"].get(suffix)
+        if info is None:
+            raise KeyError(f"{self.folder}: no feature table {suffix!r}; available: {self.feature_suffixes}")
+        return info
 
     def table_path(self, kind: str) -> Path | None:
         """Path of the ``text`` / ``item2index`` / ``user2index`` table, or None when not written."""
@@ -199,11 +216,7 @@ class ShardSource:
         if split_by not in ("auto", "shard", "sample"):
             raise ValueError(f"split_by must be 'auto', 'shard' or 'sample', got {split_by!r}")
         shuffle = (split == "train") if shuffle is None else shuffle
-        shards = [
-            {"url": str(self.folder / s["file"]), "samples": int(s["samples"]), "bytes": s.get("bytes")}
-            for s in self._split(split)["shards"]
-            if s["file"] not in self._excluded
-        ]
+        shards = self.shard_entries(split)
         readers = world_size * max(1, num_workers)
         by_sample = split_by == "sample" or (split_by == "auto" and len(shards) < readers)
         collate_fn = partial(_collate_records, max_len=max_len, domain=domain)
