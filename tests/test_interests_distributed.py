@@ -37,7 +37,7 @@ def _duplicated(n: int, d: int, seed: int) -> np.ndarray:
 
 def case_tokens(name: str) -> np.ndarray:
     """The global token pool of a case (regenerated identically in every process)."""
-    if name in ("planted", "planted_nc", "kmeans", "torch_input"):
+    if name in ("planted", "planted_nc", "kmeans", "torch_input", "sampled"):
         return clustered_tokens(3000, 32, seed=1, points_per_centre=50)[0]
     if name in ("random", "random_nc"):
         return np.random.default_rng(5).standard_normal((3000, 32)).astype(np.float32)
@@ -61,6 +61,7 @@ CASES: dict[str, InterestConfig] = {
     "torch_input": InterestConfig(cluster_ratio=0.02),
     "approx": InterestConfig(cluster_ratio=0.02, approx_threshold=2000, approx_method="cells"),
     "approx_ivf": InterestConfig(cluster_ratio=0.02, approx_threshold=2000, approx_method="ivf"),
+    "sampled": InterestConfig(cluster_ratio=0.02, sample_tokens=1000),
 }
 
 
@@ -82,8 +83,15 @@ def _worker(rank: int, world: int, port: int, out: str, splits: tuple[float, ...
             mine = x[b[rank] : b[rank + 1]]
             if name == "torch_input":
                 mine = torch.from_numpy(mine.copy())
-            res = discover_interests_distributed(mine, CASES[name], chunk_rows=700)
+            if name == "sampled":
+                from missrec.interests.sampled import discover_interests_sampled
+
+                res = discover_interests_sampled(mine, CASES[name])
+            else:
+                res = discover_interests_distributed(mine, CASES[name], chunk_rows=700)
             _save(Path(out), name, rank, res)
+        if world == 2:
+            _denser_ring(rank, Path(out))
         if world == 3:  # a subgroup of ranks 0 and 2 (peer ranks differ from group ranks)
             sub = dist.new_group([0, 2])
             if rank != 1:
@@ -105,6 +113,30 @@ def _worker(rank: int, world: int, port: int, out: str, splits: tuple[float, ...
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _denser_ring(rank: int, out: Path) -> None:
+    """The approximate path's wider search for a denser token (each query's density travels the ring with it):
+    every token it returns is denser than its query, and a second call returns the same."""
+    from missrec.interests.dist_centres import denser
+    from missrec.interests.dist_comm import Comm
+    from missrec.interests.dist_index import ShardSearcher
+    from missrec.interests.dist_knn import NO_ID, ring_knn
+
+    x = case_tokens("approx")
+    b = shard_bounds(len(x), dist.get_world_size(), (0.41,))
+    comm = Comm()
+    mine = np.ascontiguousarray(x[b[rank] : b[rank + 1]])
+    searcher = ShardSearcher(comm, mine, b, approximate=True, cfg=CASES["approx"])
+    lr = -np.random.default_rng(rank).random(len(mine))  # stand-in densities
+    rows = np.arange(0, len(mine), 5)
+    calls = [ring_knn(comm, mine, b, rows, 16, searcher, nprobe_factor=4, density=lr)[1][:, 0] for _ in range(2)]
+    hit = calls[0] != NO_ID
+    parent_lr = np.full(len(rows), np.nan)
+    parent_lr[hit] = comm.fetch_values(lr, b, calls[0][hit])
+    ok = denser(parent_lr, calls[0], lr[rows], b[rank] + rows) | ~hit
+    (out / f"ring.{rank}.json").write_text(json.dumps({"hits": int(hit.sum()), "not_denser": int((~ok).sum()),
+                                                       "same": bool(np.array_equal(*calls))}))
 
 
 def _save(out: Path, name: str, rank: int, res) -> None:
@@ -140,15 +172,31 @@ def three_ranks(tmp_path_factory) -> Path:
     return run_ranks(tmp_path_factory.mktemp("dist3"), 3, (0.3, 0.3), ["random", "peaks", "planted_nc"])
 
 
+SHARDED = ("labels", "rho", "delta")  # per-rank arrays: each rank holds its own tokens' values
+
+
+def gathered(tmp: Path, name: str, ranks: tuple[int, ...]) -> tuple[dict[str, np.ndarray], dict]:
+    """The global result of ``ranks``: sharded arrays concatenated in rank order; the replicated ones (centres,
+    centroids) checked equal on every rank."""
+    parts = [load(tmp, name, r) for r in ranks]
+    got, meta = dict(parts[0][0]), parts[0][1]
+    for key, value in list(got.items()):
+        if key in SHARDED:
+            got[key] = np.concatenate([p[0][key] for p in parts])
+        else:
+            for other, _ in parts[1:]:
+                assert np.array_equal(value, other[key]), (name, key)
+    offsets = [p[1]["info"]["offset"] for p in parts]
+    sizes = [len(p[0]["labels"]) for p in parts]
+    assert offsets == list(np.concatenate([[0], np.cumsum(sizes)[:-1]])), offsets  # rank order, contiguous
+    return got, meta
+
+
 def assert_same_as_single(tmp: Path, name: str, ranks: tuple[int, ...], tag: str = "") -> dict:
-    """The results saved by ``ranks`` (files ``tag or name``) equal each other and single-process ``name``."""
+    """The results saved by ``ranks`` (files ``tag or name``) together equal single-process ``name``."""
     x = case_tokens(name)
     ref = discover_interests(x, CASES[name])
-    got, meta = load(tmp, tag or name, ranks[0])
-    for r in ranks[1:]:  # every rank holds the same global result
-        other, _ = load(tmp, tag or name, r)
-        for key, val in got.items():
-            assert np.array_equal(val, other[key]), (name, key, r)
+    got, meta = gathered(tmp, tag or name, ranks)
     assert np.array_equal(got["labels"], ref.labels), name
     assert np.array_equal(got["centres"], ref.centres), name
     np.testing.assert_array_equal(got["rho"], ref.rho)
@@ -173,7 +221,7 @@ def test_two_ranks_equal_single_process(two_ranks, name):
 @pytest.mark.parametrize("name", ["planted_nc", "random_nc"])
 def test_two_ranks_nearest_centre_assignment(two_ranks, name):
     assert_same_as_single(two_ranks, name, (0, 1))
-    got, _ = load(two_ranks, name, 0)
+    got, _ = gathered(two_ranks, name, (0, 1))
     x = case_tokens(name)
     d2 = ((x[:, None, :] - x[got["centres"]][None]) ** 2).sum(-1)
     assert np.array_equal(got["labels"], d2.argmin(1))
@@ -215,9 +263,7 @@ def test_bad_token_on_one_rank_raises_everywhere(two_ranks, three_ranks):
 
 @pytest.mark.slow
 def test_distributed_kmeans(two_ranks):
-    got, _ = load(two_ranks, "kmeans", 0)
-    other, _ = load(two_ranks, "kmeans", 1)
-    assert all(np.array_equal(got[key], other[key]) for key in got)
+    got, _ = gathered(two_ranks, "kmeans", (0, 1))
     x, planted = clustered_tokens(3000, 32, seed=1, points_per_centre=50)
     c = 60
     assert got["labels"].shape == (3000,) and got["centroids"].shape == (c, 32)
@@ -231,14 +277,33 @@ def test_distributed_kmeans(two_ranks):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["approx", "approx_ivf"])
 def test_approximate_path_close_to_single_process(two_ranks, name):
-    got, meta = load(two_ranks, name, 0)
-    other, _ = load(two_ranks, name, 1)
-    assert all(np.array_equal(got[key], other[key]) for key in got)
+    got, meta = gathered(two_ranks, name, (0, 1))
     x = case_tokens(name)
     ref = discover_interests(x, CASES[name])
     assert meta["info"]["approximate"] is True
     assert meta["info"]["knn_backend"] == ("ivf" if name == "approx_ivf" else "cells")
     assert adjusted_rand_index(got["labels"], ref.labels) > 0.9
+
+
+@pytest.mark.slow
+def test_wider_denser_search_returns_denser_tokens_every_time(two_ranks):
+    for rank in (0, 1):
+        got = json.loads((two_ranks / f"ring.{rank}.json").read_text())
+        assert got["hits"] > 0 and got["not_denser"] == 0 and got["same"], got
+
+
+@pytest.mark.slow
+def test_sampled_discovery_labels_every_token(two_ranks):
+    """Above ``sample_tokens`` tokens, DPC-KNN runs on a sample into as many interests as the whole pool has
+    (C = 0.02 x 3000) and the rest join their nearest centroid: every token gets a label, and the planted
+    clusters are still found."""
+    got, meta = gathered(two_ranks, "sampled", (0, 1))
+    x, planted = clustered_tokens(3000, 32, seed=1, points_per_centre=50)
+    assert got["labels"].shape == (3000,) and got["centroids"].shape == (60, 32)
+    assert meta["info"]["sampled"] == 1000 and meta["info"]["pool"] == 3000
+    nearest = ((x[:, None, :] - got["centroids"][None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == got["labels"]).mean() > 0.6  # the 2000 left out by construction, sampled ones mostly
+    assert adjusted_rand_index(got["labels"], planted) > 0.8
 
 
 def test_falls_back_to_single_process_when_not_initialised():

@@ -88,7 +88,7 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         res = discover_interests_distributed(x, InterestConfig(**job["cfg"]), chunk_rows=job["chunk_rows"])
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        _dump(Path(job["out"]), f"rank{rank}", res, wall, cpu, rss_before, save_labels=rank == 0)
+        _dump(Path(job["out"]), f"rank{rank}", res, wall, cpu, rss_before, save_labels=True)
     finally:
         dist.destroy_process_group()
 
@@ -168,8 +168,12 @@ def run_mid_dist_benchmark(
         mp.spawn(_rank_main, args=(world_size, free_port(), job), nprocs=world_size, join=True)
         dist_wall = time.perf_counter() - t0
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
-        with np.load(Path(tmp) / "rank0.npz") as z:
-            labels, centres = z["labels"], z["centres"]
+        parts = []
+        for r in range(world_size):  # each rank saved the labels of its own shard
+            with np.load(Path(tmp) / f"rank{r}.npz") as z:
+                parts.append(z["labels"])
+                centres = z["centres"]
+        labels = np.concatenate(parts)
         _, planted = shard_tokens(int(tokens), int(dim), 0, int(tokens), int(seed))
         out: dict[str, Any] = {
             "tokens": int(tokens),

@@ -42,6 +42,10 @@ class InterestConfig:
     show_progress: bool = False
     recall_sample: int = 0  # >0: measure the approximate kNN's recall@k on this many rows (diagnostic)
     assign: str = "parent"  # 'parent': follow the nearest denser token (density peaks) | 'nearest_centre' (official)
+    scratch_dir: str = ""  # distributed: where a rank's large per-token arrays are memory-mapped ("": system temp)
+    # > 0: cluster a seeded sample of this many tokens, the others join their nearest centroid (large catalogues;
+    # missrec.interests.sampled); 0: every token
+    sample_tokens: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_expand", tuple(int(v) for v in self.peak_expand))
@@ -68,6 +72,8 @@ class InterestConfig:
             raise ConfigError(
                 "approx_threshold, kmeans_niter, nprobe, nlist and peak_nprobe_factor must be >= 1"
             )
+        if self.sample_tokens < 0:
+            raise ConfigError(f"sample_tokens must be >= 0 (0: every token), got {self.sample_tokens}")
         if self.assign not in ("parent", "nearest_centre"):
             raise ConfigError(f"assign must be 'parent' or 'nearest_centre', got {self.assign!r}")
         if self.approx_method not in ("auto", "cells", "ivf"):

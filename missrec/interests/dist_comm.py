@@ -133,19 +133,63 @@ class Comm:
             out[owner == r] = part
         return out
 
+    def all_to_all(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """Send ``parts[r]`` (rows of one dtype and trailing shape, any count) to rank ``r``; returns what
+        every rank sent here, in rank order. Collective (sizes are exchanged first). Every segment carries one
+        extra byte, so no rank ever takes part with empty buffers (which a backend may treat as nothing to do
+        while its peers wait)."""
+        a = np.concatenate([np.ascontiguousarray(p) for p in parts])
+        tail, dtype = a.shape[1:], a.dtype
+        row_bytes = int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
+        send_counts = np.array([len(p) for p in parts], dtype=np.int64)
+        table = self.all_gather_list(send_counts[None], np.ones(self.world, dtype=np.int64))  # [W] x [1, W]
+        recv_counts = np.array([int(t[0, self.rank]) for t in table], dtype=np.int64)
+        raw = a.reshape(len(a), -1).view(np.uint8).reshape(-1) if len(a) else np.empty(0, np.uint8)
+        bounds = np.concatenate([[0], np.cumsum(send_counts * row_bytes)])
+        segments = [np.concatenate([raw[bounds[r] : bounds[r + 1]], np.zeros(1, np.uint8)]) for r in range(self.world)]
+        send = self._to_wire(np.concatenate(segments))
+        out = torch.empty(int(recv_counts.sum()) * row_bytes + self.world, dtype=torch.uint8, device=self.device)
+        dist.all_to_all_single(out, send, output_split_sizes=(recv_counts * row_bytes + 1).tolist(),
+                               input_split_sizes=(send_counts * row_bytes + 1).tolist(), group=self.group)
+        self.bytes["sent"] += int(send_counts.sum() - send_counts[self.rank]) * row_bytes
+        self.bytes["received"] += int(recv_counts.sum() - recv_counts[self.rank]) * row_bytes
+        got = self._from_wire(out)
+        starts = np.concatenate([[0], np.cumsum(recv_counts * row_bytes + 1)])
+        return [got[starts[r] : starts[r + 1] - 1].view(dtype).reshape((int(recv_counts[r]),) + tail)
+                for r in range(self.world)]
+
+    def fetch_values(self, local: np.ndarray, offsets: np.ndarray, gids: np.ndarray) -> np.ndarray:
+        """``values[gids]`` of an array sharded as ``offsets`` [W + 1] (this rank holds ``local`` = rows
+        ``offsets[r]:offsets[r + 1]``), for this rank's requests ``gids`` [m] (any ids, repeats allowed).
+        Collective: each request goes to its owner and the answer comes back (two all-to-alls); memory
+        O(m) here and O(requests received) at the owners."""
+        gids = np.asarray(gids, dtype=np.int64)
+        owner = np.searchsorted(offsets, gids, side="right") - 1
+        order = np.argsort(owner, kind="stable")
+        counts = np.bincount(owner, minlength=self.world)[: self.world]
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        asked = self.all_to_all([gids[order[bounds[r] : bounds[r + 1]]] for r in range(self.world)])
+        lo = int(offsets[self.rank])
+        answers = self.all_to_all([np.ascontiguousarray(local[q - lo]) for q in asked])
+        out = np.empty((len(gids),) + local.shape[1:], dtype=local.dtype)
+        out[order] = np.concatenate(answers) if answers else out[:0]
+        return out
+
     # ------------------------------------------------------------------ ring (point to point)
     def shift_start(self, send: np.ndarray | None, recv_nbytes: int) -> tuple[list[Any], Any, Any]:
         """Start sending the bytes ``send`` to the next rank and receiving ``recv_nbytes`` bytes from the
         previous one (not a collective: only the two neighbours take part). Finish with :meth:`shift_wait`.
-        Empty messages are skipped: both sides must agree on the sizes."""
+        Empty messages are skipped: both sides must agree on the sizes. Each message starts with its length,
+        checked on arrival (gloo would fill a larger receive buffer with a shorter message and say nothing)."""
         ops = []
         out = keep = None
         if send is not None and send.nbytes:
-            keep = self._to_wire(np.ascontiguousarray(send).view(np.uint8).ravel())
+            body = np.ascontiguousarray(send).view(np.uint8).ravel()
+            keep = self._to_wire(np.concatenate([np.array([body.size], dtype=np.int64).view(np.uint8), body]))
             ops.append(dist.P2POp(dist.isend, keep, group=self.group, group_peer=self.next))
             self.bytes["sent"] += keep.numel()
         if recv_nbytes:
-            out = torch.empty(int(recv_nbytes), dtype=torch.uint8, device=self.device)
+            out = torch.empty(int(recv_nbytes) + 8, dtype=torch.uint8, device=self.device)
             ops.append(dist.P2POp(dist.irecv, out, group=self.group, group_peer=self.prev))
             self.bytes["received"] += int(recv_nbytes)
         reqs = dist.batch_isend_irecv(ops) if ops else []
@@ -156,7 +200,14 @@ class Comm:
         reqs, out, _keep = pending
         for req in reqs:
             req.wait()
-        return None if out is None else self._from_wire(out)
+        if out is None:
+            return None
+        got = self._from_wire(out)
+        size = int(got[:8].copy().view(np.int64)[0])
+        if size != got.size - 8:
+            raise RuntimeError(f"rank {self.rank}: a ring message of {size} bytes arrived where {got.size - 8} "
+                               "were expected (the ranks disagree on what they exchange)")
+        return got[8:]
 
 
 def pack(*arrays: np.ndarray) -> np.ndarray:

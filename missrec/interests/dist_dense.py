@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from missrec.interests.dist_centres import denser
 from missrec.interests.dist_comm import Comm
 from missrec.interests.dpc_knn import pair_d2
 from missrec.interests.knn import _progress
@@ -34,86 +35,108 @@ def pair_d2_external(
     return out
 
 
+def _denser_count(neg_lr: np.ndarray, gid: np.ndarray, q_lr: np.ndarray, q_gid: np.ndarray) -> np.ndarray:
+    """How many of the tokens sorted densest first (``neg_lr`` = -log-density ascending, ties by ``gid``
+    ascending) are denser than each query (``q_lr``, ``q_gid``): [q]."""
+    left = np.searchsorted(neg_lr, -q_lr, side="left")
+    right = np.searchsorted(neg_lr, -q_lr, side="right")
+    out = left.copy()
+    for i in np.flatnonzero(right > left):  # equal log-densities: the smaller ids are the denser
+        out[i] += np.searchsorted(gid[left[i] : right[i]], q_gid[i])
+    return out
+
+
 def nearest_denser_distributed(
     comm: Comm,
     x: np.ndarray,
     offsets: np.ndarray,
     peaks: np.ndarray,
-    order: np.ndarray,
-    rank: np.ndarray,
+    peak_lr: np.ndarray,
+    log_rho: np.ndarray,
     *,
     device: str = "cpu",
     chunk_q: int = 1024,
     chunk_p: int = 32768,
     show_progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest denser token of each global token id in ``peaks`` [P] (the same on every rank; none
-    may be the density maximum), as :func:`missrec.interests.dpc_knn.nearest_denser_bruteforce`.
+    """Exact nearest denser token of each global token id in ``peaks`` [P] (the same on every rank, with
+    their log-densities ``peak_lr`` [P]; none may be the density maximum), as
+    :func:`missrec.interests.dpc_knn.nearest_denser_bruteforce`. ``log_rho`` [n_r]: this rank's densities.
 
-    Collective. Peaks are taken in density order in chunks of ``chunk_q``; their vectors are gathered
-    from the owners (O(chunk_q * D)); each rank scans its own denser tokens (density-sorted, centred by
-    the global mean of the densest ``min(max rank, 65536)`` tokens) and proposes its best (float32
-    distance, density position, float64 distance); the smallest (distance, position) wins, so ties go to
-    the denser token as in one process. Returns parents [P] int64 and their float64 squared distances [P].
+    Collective. Peaks are taken densest first in chunks of ``chunk_q``; their vectors are gathered from
+    the owners; each rank scans its own tokens denser than the chunk's least dense peak, in blocks of
+    ``chunk_p`` read from ``x`` (a memory map is read, never copied whole), centred by the mean of the
+    ``min(limit, 65536)`` densest tokens of the pool (``limit``: tokens denser than the least dense peak),
+    and proposes its best (float32 distance, density, float64 distance); the smallest distance wins, ties
+    to the denser token as in one process. Returns parents [P] int64 and their float64 squared distances.
     """
     peaks = np.asarray(peaks, dtype=np.int64)
-    lo, hi_row = int(offsets[comm.rank]), int(offsets[comm.rank + 1])
-    srt = np.argsort(rank[peaks], kind="stable")
-    pk = peaks[srt]
-    pr = rank[pk]
-    if pr.size and pr[0] == 0:
+    peak_lr = np.asarray(peak_lr, dtype=np.float64)
+    lo = int(offsets[comm.rank])
+    gid = lo + np.arange(log_rho.shape[0], dtype=np.int64)
+    srt = np.lexsort((peaks, -peak_lr))  # densest first
+    pk, plr = peaks[srt], peak_lr[srt]
+    # my tokens denser than the least dense peak, densest first
+    if len(pk):
+        cand = np.flatnonzero(denser(log_rho, gid, plr[-1], pk[-1]))
+    else:
+        cand = np.empty(0, dtype=np.int64)
+    cand = cand[np.lexsort((gid[cand], -log_rho[cand]))]
+    c_neg, c_gid = -log_rho[cand], gid[cand]
+    limit = int(comm.all_reduce_sum(np.array([cand.size], dtype=np.int64))[0])
+    if len(pk) and int(comm.all_reduce_sum(np.array([int(denser(log_rho, gid, plr[0], pk[0]).sum())]))[0]) == 0:
         raise ValueError("the density maximum has no denser token")
-    limit = int(pr[-1]) if pr.size else 0
-    # centring vector: mean of the densest min(limit, 65536) tokens, as in the single-process search
+    # centring vector: mean of the min(limit, 65536) densest tokens of the pool, as in one process
     m = min(limit, 65536)
-    my_rank = rank[lo:hi_row]
-    sums = x[my_rank < m].sum(0, dtype=np.float64)[None, :]  # [1, D]
+    top_local = cand[:m]  # my densest m (candidates are the densest of my tokens)
+    keys = comm.all_gather_concat(np.stack([log_rho[top_local], gid[top_local].astype(np.float64)], axis=1))
+    keep = np.zeros(len(top_local), dtype=bool)
+    if m:
+        best = np.lexsort((keys[:, 1], -keys[:, 0]))[:m]
+        cut_lr, cut_g = keys[best[-1], 0], keys[best[-1], 1]
+        keep = ~denser(np.float64(cut_lr), np.float64(cut_g), log_rho[top_local], gid[top_local].astype(np.float64))
+    sums = np.asarray(x[np.sort(top_local[keep])]).sum(0, dtype=np.float64)[None, :]  # [1, D]
     total = comm.all_gather_concat(sums, np.ones(comm.world, dtype=np.int64)).sum(0)
     mu = torch.from_numpy(total / max(m, 1)).float().to(device)
-    # my candidates: my tokens denser than the least dense peak, by density position
-    cand = np.flatnonzero(my_rank < limit)
-    cand = cand[np.argsort(my_rank[cand], kind="stable")]
-    cpos = torch.from_numpy(my_rank[cand]).to(device)  # [M] increasing
-    xs = torch.from_numpy(x[cand]).to(device) - mu  # [M, D]
-    xs_norm = (xs * xs).sum(1)
     parents = np.empty(len(pk), dtype=np.int64)
     pd2 = np.empty(len(pk), dtype=np.float64)
     bar = _progress(len(pk), "delta (peaks)", show_progress)
     for qs in range(0, len(pk), chunk_q):
-        qid = pk[qs : qs + chunk_q]
+        qid, q_lr = pk[qs : qs + chunk_q], plr[qs : qs + chunk_q]
         qv = comm.fetch_rows(x, offsets, qid)  # [q, D] on every rank
-        qr = torch.from_numpy(pr[qs : qs + chunk_q]).to(device)
+        cnt = torch.from_numpy(_denser_count(c_neg, c_gid, q_lr, qid)).to(device)  # my candidates denser than each
         q = torch.from_numpy(qv).to(device) - mu
         qn = (q * q).sum(1)
-        best = torch.full((len(qid),), float("inf"), device=device)
+        best_d = torch.full((len(qid),), float("inf"), device=device)
         arg = torch.full((len(qid),), -1, dtype=torch.int64, device=device)
-        upto = int(torch.searchsorted(cpos, int(qr.max()))) if len(cand) else 0
+        upto = int(cnt.max()) if len(qid) else 0
         for ps in range(0, upto, chunk_p):
             pe = min(upto, ps + chunk_p)
-            d2 = torch.addmm(qn[:, None] + xs_norm[None, ps:pe], q, xs[ps:pe].T, beta=1.0, alpha=-2.0)
-            d2.masked_fill_(cpos[None, ps:pe] >= qr[:, None], float("inf"))
+            xs = torch.from_numpy(np.ascontiguousarray(x[cand[ps:pe]])).to(device) - mu  # [b, D]
+            d2 = torch.addmm(qn[:, None] + (xs * xs).sum(1)[None, :], q, xs.T, beta=1.0, alpha=-2.0)
+            d2.masked_fill_(torch.arange(ps, pe, device=device)[None, :] >= cnt[:, None], float("inf"))
             v, j = d2.min(1)
-            upd = v < best
-            best = torch.where(upd, v, best)
+            upd = v < best_d
+            best_d = torch.where(upd, v, best_d)
             arg = torch.where(upd, j + ps, arg)
-        best_np = best.cpu().numpy().astype(np.float32)
+        best_np = best_d.cpu().numpy().astype(np.float64)
         arg_np = arg.cpu().numpy()
         found = arg_np >= 0
-        pos = np.full(len(qid), np.iinfo(np.int64).max, dtype=np.int64)
-        pos[found] = my_rank[cand[arg_np[found]]]
+        w_lr = np.full(len(qid), -np.inf)
+        w_gid = np.full(len(qid), np.inf)
+        w_lr[found] = log_rho[cand[arg_np[found]]]
+        w_gid[found] = gid[cand[arg_np[found]]]
         exact = np.full(len(qid), np.inf, dtype=np.float64)
         if found.any():
             exact[found] = pair_d2_external(qv, x, np.flatnonzero(found), cand[arg_np[found]])
-        props = np.stack([best_np.astype(np.float64), pos.astype(np.float64), exact])  # [3, q]
+        props = np.stack([best_np, w_lr, w_gid, exact])  # [4, q]
         allp = comm.all_gather_list(props[None], np.ones(comm.world, dtype=np.int64))
-        bests, poss, exacts = (np.stack([a[0, i] for a in allp]) for i in range(3))  # [W, q] each
-        # lexicographic min over ranks of (float32 distance, density position)
-        win = np.lexsort((poss, bests), axis=0)[0]  # [q]
+        bests, lrs, gids, exacts = (np.stack([a[0, i] for a in allp]) for i in range(4))  # [W, q] each
+        win = np.lexsort((gids, -lrs, bests), axis=0)[0]  # smallest distance, then the denser token
         cols = np.arange(len(qid))
-        wpos = poss[win, cols]
         if not np.all(np.isfinite(bests[win, cols])):  # pragma: no cover - a peak always has a denser token
             raise RuntimeError("no denser token found for some peak")
-        parents[qs : qs + len(qid)] = order[wpos.astype(np.int64)]
+        parents[qs : qs + len(qid)] = gids[win, cols].astype(np.int64)
         pd2[qs : qs + len(qid)] = exacts[win, cols]
         bar.update(len(qid))
     bar.close()
@@ -168,15 +191,3 @@ def cluster_sums(
         acc.index_add_(0, lab[s : s + chunk], torch.from_numpy(x[s : s + chunk]).double())
     counts = np.bincount(labels, minlength=c).astype(np.int64)
     return acc.numpy(), counts
-
-
-def mean_centroids_distributed(
-    comm: Comm, x: np.ndarray, labels: np.ndarray, c: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean token of each cluster over all ranks ([C, D] float32, zeros when empty) and cluster sizes
-    [C]: float64 sums and counts all-reduced (equal to the single-process means to float64 rounding).
-    ``labels`` [n_r]: this rank's tokens' clusters. Collective."""
-    sums, counts = cluster_sums(x, labels, c)
-    sums = comm.all_reduce_sum(sums)
-    counts = comm.all_reduce_sum(counts)
-    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts

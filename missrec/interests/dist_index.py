@@ -21,7 +21,8 @@ import torch
 from missrec.interests.config import InterestConfig
 from missrec.interests.dist_coarse import train_global_centroids
 from missrec.interests.dist_comm import Comm
-from missrec.interests.knn import DEFAULT_CHUNK, KnnSearcher, faiss_num_gpus, import_faiss
+from missrec.interests.knn import DEFAULT_CHUNK, KnnSearcher, faiss_num_gpus, gpu_device, import_faiss
+from missrec.interests.scratch import Scratch
 
 
 class ShardSearcher:
@@ -33,10 +34,12 @@ class ShardSearcher:
     """
 
     def __init__(
-        self, comm: Comm, x: np.ndarray, offsets: np.ndarray, *, approximate: bool, cfg: InterestConfig
+        self, comm: Comm, x: np.ndarray, offsets: np.ndarray, *, approximate: bool, cfg: InterestConfig,
+        scratch: Scratch | None = None,
     ) -> None:
         self.faiss = import_faiss()
         self.x = x
+        self.scratch = scratch or Scratch(in_memory_bytes=1 << 62)
         self.n, self.d = x.shape
         self.n_global = int(offsets[-1])
         self.backend = "empty"
@@ -73,23 +76,31 @@ class ShardSearcher:
         self.quantizer.add(self.centroids)
         train_s = time.perf_counter() - t0
         if self.backend == "cells":
-            self.own_probes = self.probe(self.x, self.nprobe)  # [n, nprobe] my rows' cells, nearest first
-            primary = self.own_probes[:, 0]
+            n, step = self.n, DEFAULT_CHUNK
+            self.own_probes = self.scratch.empty((n, self.nprobe), np.int64, "probes")  # my rows' cells, nearest first
+            for s in range(0, n, step):
+                self.own_probes[s : s + step] = self.probe(np.ascontiguousarray(self.x[s : s + step]), self.nprobe)
+            primary = np.ascontiguousarray(self.own_probes[:, 0])
             self.perm = np.argsort(primary, kind="stable")  # my rows grouped by cell
             counts = np.bincount(primary, minlength=self.nlist)
             self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [nlist + 1]
             # my rows in cell order, centred on their cell's centroid (float32 accuracy), and their norms
-            self.xc = torch.from_numpy(self.x[self.perm]) - torch.from_numpy(
-                self.centroids[primary[self.perm]]
-            )
-            self.xc_norm = (self.xc * self.xc).sum(1)  # [n]
+            xc = self.scratch.empty((n, self.d), np.float32, "cells")
+            self.xc_norm = torch.empty(n, dtype=torch.float32)  # [n]
+            for s in range(0, n, step):
+                rows = self.perm[s : s + step]
+                block = torch.from_numpy(np.ascontiguousarray(self.x[rows]))
+                block -= torch.from_numpy(self.centroids[primary[rows]])
+                xc[s : s + step] = block.numpy()
+                self.xc_norm[s : s + step] = (block * block).sum(1)
+            self.xc = torch.from_numpy(xc)
             self.info["largest_cell_here"] = int(counts.max()) if counts.size else 0
         else:
             index = faiss.IndexIVFFlat(self.quantizer, self.d, self.nlist, faiss.METRIC_L2)
             index.is_trained = True  # the quantizer holds the shared centroids
             if self.on_gpu:
                 self._gpu_res = faiss.StandardGpuResources()
-                index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+                index = faiss.index_cpu_to_gpu(self._gpu_res, gpu_device(faiss), index)
             for s in range(0, self.n, DEFAULT_CHUNK):
                 index.add(self.x[s : s + DEFAULT_CHUNK])
             self.index = index

@@ -38,7 +38,7 @@ def kmeans_distributed(
     comm: Comm, x: np.ndarray, offsets: np.ndarray, num_clusters: int, cfg: InterestConfig
 ) -> ClusterResult:
     """k-means of the sharded pool (this rank: ``x`` [n_r, D], global rows ``offsets[r]:offsets[r+1]``)
-    into ``num_clusters``. Collective; every rank gets labels [N], centres [C] (the member nearest each
+    into ``num_clusters``. Collective; every rank gets its labels [n_r], and the same centres [C] (the member nearest each
     centroid, -1 if empty, ties to the smaller id), centroids [C, D] (member means; the k-means centroid
     when empty)."""
     n = int(offsets[-1])
@@ -85,10 +85,9 @@ def kmeans_distributed(
     centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
     empty = counts == 0
     centroids[empty] = km_centroids.numpy()[empty]
-    all_labels = comm.all_gather_concat(labels)
     timings["assign"] = time.perf_counter() - t0
     return ClusterResult(
-        labels=all_labels,
+        labels=labels,
         centres=centres,
         centroids=centroids,
         timings=timings,

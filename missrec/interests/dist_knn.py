@@ -28,6 +28,7 @@ from missrec.interests.dist_dense import pair_d2_external
 from missrec.interests.dist_index import ShardSearcher
 from missrec.interests.dpc_knn import sort_neighbours
 from missrec.interests.knn import _progress
+from missrec.interests.scratch import Scratch
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +63,20 @@ def _merge_shard(
     x: np.ndarray,
     lo: int,
     kk: int,
-    rank: np.ndarray | None,
+    density: tuple[np.ndarray, np.ndarray] | None,
 ) -> tuple[np.ndarray, ...]:
     """Merge one shard's search result ``found`` = (dist32 [b, m], local ids [b, m]) for the queries
     ``qv`` / ``qg`` into the running ``lists``; float64 distances are computed only for the entries that
-    make it into the lists. ``rank`` given: keep only the nearest denser candidate (lists of one)."""
+    make it into the lists. ``density`` = (this shard's log-densities [n], the queries' [b]) given: keep only
+    the nearest denser candidate (lists of one; denser: a larger log-density, ties to the smaller id)."""
     d32, lid = found
     valid = lid >= 0
     gid = np.where(valid, lid + lo, NO_ID)
     d32 = np.where(valid, d32, np.inf).astype(np.float32)
-    if rank is not None:
-        denser = valid & (rank[np.where(valid, gid, 0)] < rank[qg][:, None])
+    if density is not None:
+        shard_lr, q_lr = density
+        lr = shard_lr[np.where(valid, lid, 0)]  # [b, m]
+        denser = valid & ((lr > q_lr[:, None]) | ((lr == q_lr[:, None]) & (gid < qg[:, None])))
         d32 = np.where(denser, d32, np.inf).astype(np.float32)
         col = np.lexsort((gid, d32), axis=-1)[:, :1]  # this shard's nearest denser (float32)
         d32, gid, lid = (np.take_along_axis(v, col, axis=1) for v in (d32, gid, lid))
@@ -119,9 +123,10 @@ def ring_knn(
     chunk_rows: int | None = None,
     nprobe_factor: int = 1,
     exact: bool = False,
-    denser_rank: np.ndarray | None = None,
+    density: np.ndarray | None = None,
     desc: str = "knn",
     show_progress: bool = False,
+    scratch: Scratch | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """kNN of this rank's tokens ``rows`` [m] (local ids) over the whole sharded pool, self excluded.
 
@@ -132,8 +137,9 @@ def ring_knn(
     which travel with it). Returns exact float64 squared distances [m, k] and global ids [m, k] (NO_ID
     where the pool offers fewer candidates), sorted by (distance, id).
 
-    ``denser_rank`` [N] (density ranks): instead, the nearest token denser than the query among each
-    shard's ``k + 1`` nearest (the best over shards by float64 distance): [m, 1] each, NO_ID if none.
+    ``density`` [n_r] (this rank's log-densities): instead, the nearest token denser than the query among
+    each shard's ``k + 1`` nearest (the best over shards by float64 distance): [m, 1] each, NO_ID if none.
+    The query's log-density travels with it. ``scratch``: where the [m, k] outputs live when large.
     """
     w, r = comm.world, comm.rank
     lo = int(offsets[r])
@@ -141,22 +147,24 @@ def ring_knn(
     rows = np.asarray(rows, dtype=np.int64)
     qcounts = comm.all_gather_scalars(len(rows))  # [W]
     kk = int(k) + 1
-    width = 1 if denser_rank is not None else kk  # columns of the travelling lists
+    width = 1 if density is not None else kk  # columns of the travelling lists
+    dens = 1 if density is not None else 0  # the query's log-density travels with it
     step = max(1, int(chunk_rows or auto_chunk_rows(d)))
     rounds = math.ceil(int(qcounts.max()) / step) if qcounts.size else 0
     nprobe = searcher.nprobe * int(nprobe_factor)
     p = min(nprobe, searcher.nlist) if searcher.needs_probes and not exact else 0
 
     def vec_specs(b: int) -> list[tuple[tuple[int, ...], type]]:  # a block of queries
-        return [((b, d), np.float32), ((b,), np.int64), ((b, p), np.int64)]
+        return [((b, d), np.float32), ((b,), np.int64), ((b, p), np.int64), ((b, dens), np.float64)]
 
     def list_specs(b: int) -> list[tuple[tuple[int, ...], type]]:  # their candidate lists
         return [((b, width), np.float32), ((b, width), np.int64), ((b, width), np.float64)]
 
-    vec_bytes = d * 4 + 8 + p * 8  # a query: vector, global id, probed cells
+    vec_bytes = d * 4 + 8 + p * 8 + dens * 8  # a query: vector, global id, probed cells, log-density
     list_bytes = width * (4 + 8 + 8)  # a candidate list: dist32, gid, dist64
-    out_d2 = np.empty((len(rows), width if denser_rank is not None else k), dtype=np.float64)
-    out_id = np.empty(out_d2.shape, dtype=np.int64)
+    shape = (len(rows), width if density is not None else k)
+    out_d2 = scratch.empty(shape, np.float64, "knn_d2") if scratch else np.empty(shape, dtype=np.float64)
+    out_id = scratch.empty(shape, np.int64, "knn_id") if scratch else np.empty(shape, dtype=np.int64)
     bar = _progress(len(rows), desc, show_progress)
     for c in range(rounds):
 
@@ -166,28 +174,30 @@ def ring_knn(
         mine = rows[c * step : (c + 1) * step]
         qv, qg = np.ascontiguousarray(x[mine]), lo + mine
         qp = searcher.probe_rows(mine, nprobe) if p else np.empty((len(mine), 0), dtype=np.int64)
+        qd = density[mine][:, None] if density is not None else np.empty((len(mine), 0), dtype=np.float64)
         lists = empty_lists(len(mine), width)
         for s in range(w):
             last = s == w - 1
             b_in = size_of((r - s - 1) % w)  # the block arriving next (my own after the last step)
             pend_v = None
             if not last:
-                pend_v = comm.shift_start(pack(qv, qg, qp) if len(qv) else None, b_in * vec_bytes)
+                pend_v = comm.shift_start(pack(qv, qg, qp, qd) if len(qv) else None, b_in * vec_bytes)
             if len(qv) and searcher.n:
                 if exact:
                     found = searcher.exact(qv, kk)
                 else:
                     found = searcher.search(qv, kk, gids=qg, probes=qp, nprobe=nprobe)
-                lists = _merge_shard(lists, qv, qg, found, x, lo, kk, denser_rank)
+                lists = _merge_shard(lists, qv, qg, found, x, lo, kk,
+                                     None if density is None else (density, qd[:, 0]))
             pend_l = comm.shift_start(pack(*lists) if len(qv) else None, b_in * list_bytes)
             if pend_v is not None:
                 got = comm.shift_wait(pend_v)
-                qv, qg, qp = unpack(got, vec_specs(b_in)) if b_in else _empty(vec_specs(0))
+                qv, qg, qp, qd = unpack(got, vec_specs(b_in)) if b_in else _empty(vec_specs(0))
             got = comm.shift_wait(pend_l)
             lists = tuple(unpack(got, list_specs(b_in))) if b_in else empty_lists(0, width)
         if len(mine):
             sl = slice(c * step, c * step + len(mine))
-            if denser_rank is not None:
+            if density is not None:
                 out_d2[sl], out_id[sl] = lists[2], lists[1]
             else:
                 gid, d64 = drop_self(lists[1], lists[2], lo + mine, k)

@@ -8,7 +8,7 @@ clustering and get interest -1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,41 +66,15 @@ def item_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
     return min(rank * per, num_items), min((rank + 1) * per, num_items)
 
 
-def item_interests_from_labels(
-    labels: torch.Tensor, present: torch.Tensor, slices: Sequence[tuple[int, int]]
-) -> torch.Tensor:
-    """Interest id per (item, modality) [N, M] (-1: missing) from the cluster ``labels`` [T] of a pool made of
-    the item ranges ``slices`` in order, each pooled as :func:`build_token_pool` does; ``present`` [N, M]."""
-    n, m = present.shape
-    out = torch.full((n, m), -1, dtype=torch.long)
-    start = 0
-    for lo, hi in slices:  # each slice's labels back to its items
-        mask = present[lo:hi]  # [n_r, M]
-        count = int(mask.sum())
-        part = torch.full((m, hi - lo), -1, dtype=torch.long)
-        part[mask.T] = labels[start : start + count]
-        out[lo:hi] = part.T
-        start += count
-    if start != labels.numel():
-        raise RuntimeError(f"MID returned {labels.numel()} labels for {start} tokens")
-    return out
-
-
 def discover_item_interests(
-    tokens: torch.Tensor, present: torch.Tensor, lo: int, cfg: Any,
-    discover: Callable[[np.ndarray, Any], ClusterResult], world_size: int = 1,
+    tokens: torch.Tensor, present: torch.Tensor, cfg: Any, discover: Callable[[np.ndarray, Any], ClusterResult],
 ) -> tuple[torch.Tensor, torch.Tensor, ClusterResult]:
-    """MID over every rank's item slice: ``tokens`` [M, n_r, D] adapted tokens of this rank's items
-    ``lo .. lo + n_r`` (:func:`item_slice`), ``present`` [N, M] of all items, ``discover(pool [T_r, D],
-    cfg)`` clusters the pool of every slice in rank order. Returns the interest id per (item, modality)
+    """MID in one process: ``tokens`` [M, N, D] adapted tokens of every item, ``present`` [N, M],
+    ``discover(pool [T, D], cfg)`` clusters the present ones. Returns the interest id per (item, modality)
     [N, M] (-1: missing), the centroids [C, D] float32 and the clustering result."""
-    present = present.cpu()
-    n = present.shape[0]
-    pool = build_token_pool(tokens, present[lo : lo + tokens.shape[1]])  # [T_r, D], modality-major in the slice
+    pool = build_token_pool(tokens, present.cpu())  # [T, D], modality-major
     result = discover(pool.tokens.numpy(), cfg)
-    labels = torch.as_tensor(np.asarray(result.labels), dtype=torch.long)  # [T] over all slices
-    slices = [item_slice(n, r, world_size) for r in range(world_size)]
-    item_interest = item_interests_from_labels(labels, present, slices)  # [N, M]
+    item_interest = pool.to_item_matrix(result.labels)  # [N, M]
     centroids = torch.as_tensor(np.asarray(result.centroids)).to(torch.float32)  # [C, D]
     return item_interest, centroids, result
 

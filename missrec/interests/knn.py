@@ -47,6 +47,18 @@ def faiss_num_gpus(faiss: Any) -> int:
         return 0
 
 
+def gpu_device(faiss: Any) -> int:
+    """The GPU a FAISS index of this process goes on: the rank's current CUDA device (distributed launchers set
+    it from LOCAL_RANK), else LOCAL_RANK, modulo the GPUs FAISS sees."""
+    import os
+
+    if torch.cuda.is_available():
+        dev = torch.cuda.current_device()
+    else:
+        dev = int(os.environ.get("LOCAL_RANK", "0"))
+    return dev % max(1, faiss_num_gpus(faiss))
+
+
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar; disabled (``update`` / ``close`` do nothing) unless ``enabled``."""
     from tqdm.auto import tqdm
@@ -128,7 +140,7 @@ class KnnSearcher:
         if not self.on_gpu:
             return index
         self._gpu_res = self.faiss.StandardGpuResources()
-        return self.faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        return self.faiss.index_cpu_to_gpu(self._gpu_res, gpu_device(self.faiss), index)
 
     def _train_coarse(self) -> np.ndarray:
         """k-means centroids [nlist, D] from a seeded sample of ``train_per_list * nlist`` rows."""
