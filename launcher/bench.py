@@ -4,7 +4,7 @@
     python launcher/bench.py mid --tokens 100000 --dim 300
     python launcher/bench.py extract --items 3000
     python launcher/bench.py pretrain --ranks 1,2 --steps 40
-    python launcher/bench.py passes --data-root ../shared/datasets/scientific_mm --domain Scientific
+    python launcher/bench.py scale --items 100000,1000000,4000000   # 2-rank pre-training as the catalogue grows
     python launcher/bench.py serve --run runs/ind --extra 0,100000 --kinds flat,hnsw   # a run with a history affinity
     python launcher/bench.py report [--quick] [--skip mid,pretrain]   # all of them -> docs/benchmarks.md
 """
@@ -68,17 +68,12 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
                                   workdir=args.workdir, sets=tuple(args.overrides))
 
 
-def cmd_passes(args: argparse.Namespace) -> dict:
-    import torch
+def cmd_scale(args: argparse.Namespace) -> dict:
+    from missrec.bench.scale import run_scale_benchmark
 
-    from missrec.bench.length_passes import run_length_pass_benchmark
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    return run_length_pass_benchmark(
-        args.data_root, args.domain, tuple(f for f in args.features.split(",") if f), mode=args.mode,
-        steps=args.steps, overheads=(-1, *(int(o) for o in args.overheads.split(",") if o)),
-    )
+    items = tuple(int(x) for x in args.items.split(",") if x)
+    return run_scale_benchmark(items=items, steps=args.steps, batch_size=args.batch_size, hidden=args.hidden,
+                               workdir=args.workdir, extra=tuple(args.overrides))
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
@@ -146,16 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--workdir", default=None)
     pt.add_argument("--set", action="append", default=[], dest="overrides", help="pre-training config override")
     pt.set_defaults(fn=cmd_pretrain)
-    ps = sub.add_parser("passes", help="MISSRec steps on shuffled batches: one padded pass vs length-group passes")
-    ps.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/scientific_mm"))
-    ps.add_argument("--domain", default="Scientific")
-    ps.add_argument("--features", default="feat1CLS,feat3CLS")
-    ps.add_argument("--mode", choices=["inductive", "transductive"], default="inductive")
-    ps.add_argument("--steps", type=int, default=6, help="batches to time (after one warm-up batch)")
-    ps.add_argument("--overheads", default="32,128,512,2048",
-                    help="length-group overheads (positions) to time against one padded pass per batch")
-    ps.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
-    ps.set_defaults(fn=cmd_passes)
+    sc = sub.add_parser("scale", help="2-rank pre-training on catalogues of growing size: memory, seq/s, MID")
+    sc.add_argument("--items", default="100000,1000000,4000000", help="comma-separated catalogue sizes")
+    sc.add_argument("--steps", type=int, default=30)
+    sc.add_argument("--batch-size", type=int, default=256, help="per rank")
+    sc.add_argument("--hidden", type=int, default=128, help="model width (the MID token width)")
+    sc.add_argument("--workdir", default=None, help="where catalogues (cached) and runs go (default runs/bench-scale)")
+    sc.add_argument("--set", action="append", default=[], dest="overrides", help="pre-training config override")
+    sc.set_defaults(fn=cmd_scale)
     sv = sub.add_parser("serve", help="a run with a history affinity: index + history neighbours vs full ranking")
     sv.add_argument("--run", required=True, help="fine-tuning run folder (inductive MISSRec to grow the catalogue)")
     sv.add_argument("--extra", default="0,100000", help="comma-separated numbers of synthetic items to add")

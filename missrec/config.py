@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from missrec.errors import ConfigError
+from missrec.interests.config import InterestConfig
 
 T = TypeVar("T")
 
@@ -54,6 +55,9 @@ class TrainConfig:
     seed: int = 2020
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # MISSRec's item feature tables up to this size (MiB, as float32) are cached on the training device; larger
+    # ones stay memory-mapped on the host and every step streams them through the adapters
+    feature_cache_mib: int = 4096
     grad_clip: float = 0.0  # 0 = off
     # augmentation: each training history item is dropped with this probability, anew every epoch (the
     # same items from every modality; at least one kept; valid/test untouched). 0 = off, as the official code
@@ -120,10 +124,10 @@ class MISSRecConfig:
     moe_experts: int = 8
     mode: str = "transductive"  # transductive (with item IDs) | inductive (no IDs)
     temperature: float = 0.07
-    interest_method: str = "dpc_knn"  # dpc_knn | kmeans
-    interest_assign: str = "parent"  # DPC-KNN: parent (density-peaks chain) | nearest_centre (official code)
-    interest_ratio: float = 0.5  # clusters = ratio * number of item tokens
-    interest_knn: float = 5  # kNN size: a count (>= 1) or a ratio of the pool (< 1)
+    # interest discovery: method (dpc_knn | kmeans), cluster_ratio (clusters = ratio x item tokens), knn, assign
+    # (parent | nearest_centre, the official code's), the approximate kNN (approx_threshold, nprobe, nlist, ...),
+    # use_gpu, scratch_dir: every field of missrec.interests.InterestConfig (its seed is the run's)
+    interests: InterestConfig = field(default_factory=InterestConfig)
     interest_weight: float = 1e-4  # weight of the interest regulariser
     # false: the ablation without interests (no MID, no interest encoder, the decoder without cross-attention;
     # fine-tuning only)
@@ -139,9 +143,6 @@ class MISSRecConfig:
     # in training, score the padding row (a zero feature row through the linear adapters: their biases) as one
     # more negative, as the official code does; it raised R@50 on all 6 scientific_mm seeds (docs/results.md)
     pad_negative: bool = True
-    # a batch of mixed history lengths runs as passes over rows of similar length when that halves the cost;
-    # the cost of one more pass in padded positions (None: 128 on CPU, 4096 on GPU; -1: always one pass)
-    length_group_overhead: int | None = None
     # one offset for the items already in the user's history (they are rarely the next item: 0.85 % of the
     # scientific_mm targets), added to their scores in ranking (pre-training has none); false: the paper's model
     # (missrec.models.history, docs/results.md)
@@ -193,7 +194,7 @@ class PretrainConfig:
     data: tuple[str, ...] = ()  # domain shard folders
     domain_weights: tuple[float, ...] = ()  # sampling weight per domain; empty: proportional to rows
     features: tuple[str, ...] = ("feat1CLS", "feat3CLS")
-    output_dir: str = "runs/pretrain"
+    output_dir: str = "runs/pretrain"  # on a file system every node sees (checkpoints, interest index files)
     deepspeed_config: str = "cluster_configs/zero2.json"
     max_len: int = 50
     epochs: int = 10
@@ -205,15 +206,25 @@ class PretrainConfig:
     seed: int = 2020
     drop_prob: float = 0.2  # item-drop augmentation for the sequence-sequence loss
     seq_seq_weight: float = 0.1
+    # logical data streams (0: the world size; else a multiple of it): stream s reads shards s, s + S, ... of each
+    # domain, so the global batch is the same for every number of ranks that divides S (data/pretrain_stream.py)
+    streams: int = 0
+    num_workers: int = 2  # DataLoader workers per rank that read shards and assemble batches (0: the rank itself)
+    prefetch: int = 2  # batches each worker assembles ahead
+    shuffle_buffer: int = 10000  # records shuffled in each reader's buffer
+    log_every: int = 20  # steps between the host syncs that log the losses and check them for NaN/inf
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     keep_checkpoints: int = 2
     max_steps_per_epoch: int = 0  # 0 = whole epoch (a cap for smoke runs)
-    nonfinite: str = "error"  # error | skip
+    # a NaN/inf loss: "error" stops at the next log_every sync naming the first such step (which was applied);
+    # "skip" checks every step before applying it (one host sync per step) and skips it on every rank
+    nonfinite: str = "error"
     threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
     progress: bool = True
     trace_samples: bool = False  # record each rank's trained rows per step in RUN/trace/ (train/trace.py)
+    skip_bad_shards: bool = False  # a corrupt shard: skip the rest of it (logged, counted) instead of stopping
     missrec: MISSRecConfig = field(
-        default_factory=lambda: MISSRecConfig(mode="inductive", interest_ratio=0.02)
+        default_factory=lambda: MISSRecConfig(mode="inductive", interests=InterestConfig(cluster_ratio=0.02))
     )
 
 

@@ -79,13 +79,3 @@ def test_build_shards_launcher(synthetic_root, tmp_path):
                 "--out", str(tmp_path / "Office"), "--features", "feat1CLS,feat3CLS", "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "Office" / "manifest.json").exists()
-
-
-def test_bench_passes_launcher(synthetic_root):
-    proc = _run("launcher/bench.py", "passes", "--data-root", str(synthetic_root), "--domain", "Office",
-                "--steps", "2", "--overheads", "0")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    one, split = out["settings"]
-    assert one["overhead"] == -1 and one["passes_per_step"] == 1 and one["speedup_vs_first"] == 1.0
-    assert split["passes_per_step"] > 1 and split["positions_per_step"] < one["positions_per_step"]

@@ -140,12 +140,31 @@ def test_item_drop_removes_same_items_in_every_modality():
 
 
 def test_pretrain_loss_runs_and_backprops():
+    from pretrain_batches import batch_from_model
+
     m = _tiny_missrec(use_ids=False)
-    batch = collate([(0, [1, 2, 3], 4), (1, [5, 6], 4), (2, [7], 8)], max_len=10)
-    terms = m.pretrain_loss(batch, generator=torch.Generator().manual_seed(0))
+    batch = batch_from_model(m, [(0, [1, 2, 3], 4), (1, [5, 6], 4), (2, [7], 8)], drop_prob=0.3)
+    terms = m.pretrain_loss(batch)
     assert set(terms) == {"loss", "seq_item", "seq_seq", "interest_reg"}
     terms["loss"].backward()
     assert m.adapters[0].proj.weight.grad is not None
+
+
+def test_pretraining_rows_give_the_users_the_full_tables_give():
+    """A pre-training batch brings only the rows it touches, renumbered; the encoder sees the same items,
+    modalities and interests as from the model's full tables (items 9 and 10 miss their image)."""
+    from pretrain_batches import batch_from_model
+
+    m = _tiny_missrec(use_ids=False, missing_image=(9, 10), dropout=0.0, attn_dropout=0.0).eval()
+    rows = [(0, [1, 2, 9], 4), (1, [10, 6], 4), (2, [7], 11)]
+    batch = batch_from_model(m, rows)
+    assert len(batch.feats[0]) == 9  # the padding row and the 8 distinct items, not the catalogue's 12
+    with torch.no_grad():
+        tokens = m.adapt_rows(batch.feats)
+        got, _ = m.encode_rows(batch.seq, batch.seq_len, tokens, m.rows_present(batch.feats),
+                               batch.centroids[batch.interests] * batch.imask.unsqueeze(-1), batch.imask)
+        want, _ = m.encode(collate(rows, max_len=10), m.item_tokens())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_without_interests_the_ablation_has_no_mid_no_encoder_no_cross_attention():
@@ -169,11 +188,7 @@ def test_without_interests_the_ablation_has_no_mid_no_encoder_no_cross_attention
     terms["loss"].backward()
     assert all(p.grad is not None for n, p in m.named_parameters() if n.startswith("decoder."))
     m.eval()
-    m.length_group_overhead = -1
-    one_pass = m.full_scores(batch)
-    m.length_group_overhead = 0  # rows of each length in their own pass: the same scores
-    assert one_pass.shape == (3, 30)
-    torch.testing.assert_close(m.full_scores(batch), one_pass, atol=1e-5, rtol=1e-5)
+    assert m.full_scores(batch).shape == (3, 30)
 
 
 def test_adapter_dropout_drops_features_in_training_only():

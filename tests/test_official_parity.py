@@ -75,7 +75,8 @@ def test_official_switches_give_the_official_loss(use_ids, rows):
     batch = collate(rows, max_len=MAX_LEN)
     with torch.no_grad():
         ours = m.loss(batch)["loss"]
-        ref = _official_loss(m, batch.seq, batch.seq_len, batch.target)
+        padded = F.pad(batch.seq, (0, MAX_LEN - batch.seq.shape[1]))  # the official code pads to max_len
+        ref = _official_loss(m, padded, batch.seq_len, batch.target)
     assert torch.allclose(ours, ref, atol=1e-5), (ours, ref)
     # and the switches matter: our default regulariser gives another loss on the same weights
     m.interest_reg = "mean"

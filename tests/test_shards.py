@@ -74,9 +74,11 @@ def _expected_seq(hist) -> np.ndarray:
 def _collect(batches) -> list[tuple[int, int, np.ndarray, int]]:
     out = []
     for b in batches:
-        assert b.seq.shape[1] == MAX_LEN
+        assert b.seq.shape[1] == min(MAX_LEN, int(b.seq_len.max()))  # cut to the batch's longest history
+        seq = np.zeros((len(b), MAX_LEN), dtype=np.int64)
+        seq[:, : b.seq.shape[1]] = b.seq.numpy()
         for i in range(len(b)):
-            out.append((int(b.user[i]), int(b.seq_len[i]), b.seq[i].numpy(), int(b.target[i])))
+            out.append((int(b.user[i]), int(b.seq_len[i]), seq[i], int(b.target[i])))
     return out
 
 

@@ -7,14 +7,17 @@ Conventions (in one place):
 - ``target`` [B] int64: the next item, 0-based item index (a column of the ``[B, num_items]`` scores).
 - ``user`` [B] int64: user index (informational).
 - ``domain`` [B] int64: domain index in a multi-domain mix (0 for a single domain).
+- ``interests`` / ``imask`` [B, K] (optional): the rows' distinct interests, found on the host before the
+  batch moves to its device (``MISSRec.prepare``), so the step needs no host sync.
 
-Histories longer than ``max_len`` keep their most recent ``max_len`` items.
+Histories longer than ``max_len`` keep their most recent ``max_len`` items; :func:`collate` cuts ``seq`` to the
+batch's longest history.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -32,54 +35,28 @@ class Batch:
     target: torch.Tensor  # [B]
     user: torch.Tensor  # [B]
     domain: torch.Tensor  # [B]
+    interests: torch.Tensor | None = None  # [B, K]
+    imask: torch.Tensor | None = None  # [B, K]
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+    def _map(self, fn) -> Batch:
+        return Batch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                        for f in fields(self)})
 
-    def trimmed(self) -> Batch:
-        """The same batch with ``seq`` cut to the longest real history in it: ``[B, max(seq_len)]``."""
-        longest = int(self.seq_len.max())
-        if longest == self.seq.shape[1]:
-            return self
-        return Batch(self.seq[:, :longest], self.seq_len, self.target, self.user, self.domain)
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        return self._map(lambda t: t.pin_memory())
+
+    def with_interests(self, interests: torch.Tensor, imask: torch.Tensor) -> Batch:
+        return replace(self, interests=interests, imask=imask)
 
     def select(self, rows: torch.Tensor) -> Batch:
         """The batch of rows ``rows`` [b] (indices into this batch), in that order."""
-        return Batch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
-
-
-def length_groups(seq_len: torch.Tensor, overhead: int, min_saving: float = 0.5) -> list[torch.Tensor]:
-    """Split a batch's rows into groups of similar history length, for one forward pass each.
-
-    A group costs (its rows x its longest history) positions plus ``overhead`` positions (the fixed cost of
-    one more pass); the split minimises the total over contiguous ranges of length (an exact dynamic
-    programme over the distinct lengths). It is used only when it saves at least ``min_saving`` of one
-    pass's cost, so batches already grouped by length (``data.group_by_length``) keep their single pass (and
-    their random stream) as a rule: all 22 training batches of Scientific do; a batch at the long end of a
-    sorting window may still split. ``seq_len`` [B] -> row indices [b_g] per group, shortest histories first;
-    ``[arange(B)]`` for one pass, always when ``overhead < 0``.
-    """
-    n = int(seq_len.shape[0])
-    whole = [torch.arange(n, device=seq_len.device)]
-    if overhead < 0 or n == 0:
-        return whole
-    lengths = seq_len.detach().cpu()
-    values, counts = torch.unique(lengths, return_counts=True)  # ascending
-    v, c = values.tolist(), [0] + counts.cumsum(0).tolist()  # c[j]: rows with one of the j shortest lengths
-    best, cut = [0] * (len(v) + 1), [0] * (len(v) + 1)
-    for j in range(1, len(v) + 1):
-        best[j], cut[j] = min((best[i] + (c[j] - c[i]) * v[j - 1] + overhead, i) for i in range(j))
-    if cut[len(v)] == 0 or best[len(v)] > (1.0 - min_saving) * (n * v[-1] + overhead):
-        return whole
-    bounds, j = [], len(v)
-    while j > 0:
-        bounds.append((c[cut[j]], c[j]))
-        j = cut[j]
-    order = torch.argsort(lengths, stable=True).to(seq_len.device)
-    return [order[lo:hi] for lo, hi in reversed(bounds)]
+        return self._map(lambda t: t[rows])
 
 
 def collate(
@@ -87,9 +64,11 @@ def collate(
     max_len: int = DEFAULT_MAX_LEN,
     domain: int | Sequence[int] = 0,
 ) -> Batch:
-    """Pad ``(user, history, target)`` rows (0-based item indices) into a :class:`Batch` of width ``max_len``."""
+    """Pad ``(user, history, target)`` rows (0-based item indices) into a :class:`Batch` as wide as its longest
+    history (at most ``max_len``)."""
     b = len(rows)
-    seq = np.zeros((b, max_len), dtype=np.int64)
+    width = max((min(len(r[1]), max_len) for r in rows), default=1) or 1
+    seq = np.zeros((b, width), dtype=np.int64)
     seq_len = np.empty(b, dtype=np.int64)
     target = np.empty(b, dtype=np.int64)
     user = np.empty(b, dtype=np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,26 +29,25 @@ def build_sasrec(s: SASRecConfig, num_items: int, max_len: int) -> SASRec:
 
 
 def missrec_from_config(
-    m: MISSRecConfig, num_items: int, features: Sequence[np.ndarray], max_len: int, seed: int
+    m: MISSRecConfig, num_items: int, features: Sequence[np.ndarray] | None, max_len: int, seed: int,
+    feature_dims: Sequence[int] = (), feature_cache: bool = True,
 ) -> MISSRec:
-    """MISSRec with the settings of ``m`` over ``num_items`` items and one table per modality."""
-    from missrec.interests import InterestConfig
-
+    """MISSRec with the settings of ``m`` over ``num_items`` items and one table per modality (``features``,
+    cached on the model's device unless ``feature_cache`` is false), or, for pre-training, only the tables'
+    widths ``feature_dims`` (each batch brings its rows)."""
     if m.mode not in ("transductive", "inductive"):
         raise ValueError(f"missrec.mode must be 'transductive' or 'inductive', got {m.mode!r}")
-    knn = int(m.interest_knn) if m.interest_knn >= 1 else float(m.interest_knn)
-    interest_cfg = InterestConfig(
-        method=m.interest_method, cluster_ratio=m.interest_ratio, knn=knn, seed=seed, assign=m.interest_assign,
-    )
+    interest_cfg = replace(m.interests, seed=seed)
     return MISSRec(
-        num_items, [np.asarray(f) for f in features],
+        num_items, list(features) if features is not None else None, feature_dims=feature_dims,
+        feature_cache=feature_cache,
         hidden=m.hidden, max_len=max_len, encoder_layers=m.encoder_layers,
         decoder_layers=m.decoder_layers, heads=m.heads, inner=m.inner, dropout=m.dropout,
         attn_dropout=m.attn_dropout, adapter=m.adapter, adapter_dropout=m.adapter_dropout, moe_experts=m.moe_experts,
         use_ids=m.mode == "transductive", temperature=m.temperature, fusion=m.fusion,
         interest_weight=m.interest_weight, interest_cfg=interest_cfg, final_norm=m.final_norm,
         interest_reg=m.interest_reg, adapter_init=m.adapter_init, pad_negative=m.pad_negative,
-        length_group_overhead=m.length_group_overhead, use_interests=m.use_interests,
+        use_interests=m.use_interests,
         history_bias=m.history_bias, history_bias_fit=m.history_bias_fit,
         history_affinity=history_affinity_in_effect(m),
     )
@@ -58,8 +58,13 @@ def build_missrec(cfg: RunConfig, num_items: int, features: Mapping[str, np.ndar
     if not cfg.data.features:
         raise ValueError("MISSRec needs feature tables: set --features (e.g. feat1CLS,feat3CLS)")
     m = cfg.missrec
-    model = missrec_from_config(m, num_items, [features[s] for s in cfg.data.features], cfg.data.max_len,
-                                cfg.train.seed)
+    tables = [features[s] for s in cfg.data.features]
+    nbytes = sum(int(np.prod(np.shape(t))) * 4 for t in tables)  # as float32 on the device
+    cache = nbytes <= cfg.train.feature_cache_mib * 2**20
+    log.info("item features: %d tables, %.1f MiB as float32: %s (train.feature_cache_mib=%d)", len(tables),
+             nbytes / 2**20, "cached on the training device" if cache else
+             "kept memory-mapped on the host and streamed to the device each step", cfg.train.feature_cache_mib)
+    model = missrec_from_config(m, num_items, tables, cfg.data.max_len, cfg.train.seed, feature_cache=cache)
     if cfg.pretrained:
         load_backbone(model, cfg.pretrained)
         n = model.set_trainable(m.pretrained_trainable)

@@ -3,9 +3,10 @@
 - :func:`in_batch_contrastive` — sequence-item (or sequence-sequence) InfoNCE over in-batch
   candidates, where other rows that share the row's positive (the same target item) are removed from
   the denominator: they are not negatives (the official code leaves them in).
-- :func:`drop_items` — the item-drop view for the sequence-sequence loss. Items are dropped by
-  position in the item sequence, so every modality of a dropped item disappears together (the official
-  code drew the text and image drops independently).
+- :func:`drop_items` — item-drop augmentation of a batch (fine-tuning's ``train.item_drop``). Items are
+  dropped by position in the item sequence, so every modality of a dropped item disappears together (the
+  official code drew the text and image drops independently); pre-training's view is drawn the same way
+  when its batch is assembled (:func:`missrec.data.pretrain_batch.drop_view`).
 - :func:`offset_contrastive` — the InfoNCE of this rank's rows against candidates gathered from every
   rank (:func:`local_offset` says where this rank's rows sit among them).
 - :func:`pretrain_objective` — MISSRec's pre-training loss, built from the above.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from missrec.data.batching import Batch
 
 if TYPE_CHECKING:
+    from missrec.data.pretrain_batch import PretrainBatch
     from missrec.models.missrec import MISSRec
 
 
@@ -106,36 +108,35 @@ def offset_contrastive(
 
 
 def pretrain_objective(
-    model: MISSRec, batch: Batch, drop_prob: float = 0.2, seq_seq_weight: float = 0.1,
-    generator: torch.Generator | None = None, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+    model: MISSRec, batch: PretrainBatch, seq_seq_weight: float = 0.1,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pre-training: in-batch sequence-item contrastive loss (rows with the same target are not
+    """Pre-training: in-batch sequence-item contrastive loss (rows with the same target item are not
     negatives of each other) + ``seq_seq_weight`` x sequence-sequence contrastive loss between the
-    batch and an item-drop view + the interest regulariser on both views.
+    batch and its item-drop view + the interest regulariser on both views.
 
-    Only the items the batch touches are adapted. ``gather`` (e.g. an all-gather across ranks that
-    keeps gradients, [n, ...] -> [world * n, ...]) widens the negatives to the global batch; the
-    local rows are then rows ``offset .. offset + B`` of the gathered batch. ``keys`` = (target
-    keys, user keys) [B] that identify the same item / user across domains (default: the batch's
-    target and user)."""
+    Only the rows the batch brings are adapted (``batch.feats``). ``gather`` (e.g. an all-gather across
+    ranks that keeps gradients, [n, ...] -> [world * n, ...]) widens the negatives to the global batch; the
+    local rows are then rows ``offset .. offset + B`` of the gathered batch. Every tensor it uses is the
+    batch's or the model's: no host sync."""
     gather = gather or (lambda t: t)
-    view_batch = drop_items(batch, drop_prob, generator)
-    tokens, _, lut = model.subset_tokens(torch.cat([batch.seq.reshape(-1), batch.target + 1]))
-    user, reg = model.encode(batch, tokens, lut)  # [B, D]
-    view, reg_view = model.encode(view_batch, tokens, lut)  # [B, D]
-    item_key, user_key = keys if keys is not None else (batch.target, batch.user)
-    rows = lut[batch.target + 1]  # [B]
-    cand = gather(tokens[:, rows].transpose(0, 1).contiguous())  # [W * B, M, D]
-    present = gather(model.present[batch.target + 1].to(torch.uint8)).bool()  # [W * B, M]
-    idw = gather(model.item_id(batch.target + 1)) if model.item_id is not None else None
-    all_items, all_users, all_views = gather(item_key), gather(user_key), gather(view)
+    tokens = model.adapt_rows(batch.feats)  # [M, U, D]
+    present = model.rows_present(batch.feats)  # [U, M]
+    centroids = batch.centroids.detach()  # [C_u, D]
+    user, reg = model.encode_rows(batch.seq, batch.seq_len, tokens, present,
+                                  centroids[batch.interests] * batch.imask.unsqueeze(-1), batch.imask)  # [B, D]
+    view, reg_view = model.encode_rows(batch.view_seq, batch.view_len, tokens, present,
+                                       centroids[batch.view_interests] * batch.view_imask.unsqueeze(-1),
+                                       batch.view_imask)  # [B, D]
+    cand = gather(tokens[:, batch.target].transpose(0, 1).contiguous())  # [W * B, M, D]
+    cand_present = gather(present[batch.target].to(torch.uint8)).bool()  # [W * B, M]
+    all_items, all_users, all_views = gather(batch.item_key), gather(batch.user_key), gather(view)
     b = batch.seq.shape[0]
     offset = local_offset(all_items.shape[0], b)
-    seq_item = offset_contrastive(model.fuse(user, cand.transpose(0, 1), present, idw), offset,
-                                   item_key, all_items, in_batch_contrastive)
-    seq_seq = offset_contrastive(user @ all_views.T / model.temperature, offset, user_key, all_users,
-                                  in_batch_contrastive)
+    seq_item = offset_contrastive(model.fuse(user, cand.transpose(0, 1), cand_present), offset,
+                                  batch.item_key, all_items, in_batch_contrastive)
+    seq_seq = offset_contrastive(user @ all_views.T / model.temperature, offset, batch.user_key, all_users,
+                                 in_batch_contrastive)
     reg_total = reg + reg_view
     loss = seq_item + seq_seq_weight * seq_seq + model.interest_weight * reg_total
     return {"loss": loss, "seq_item": seq_item, "seq_seq": seq_seq, "interest_reg": reg_total}

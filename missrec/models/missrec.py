@@ -41,6 +41,12 @@ without cross-attention (bidirectional self-attention over the item sequence alo
 ``pad_negative`` (the toolkit's default, as the official code) scores the padding row, whose tokens are
 the linear adapters' biases, as one more negative in training.
 
+Item features come two ways. Fine-tuning on a domain passes its tables (``features``): the model keeps them as
+buffers on its device (``feature_cache``, the default) or memory-mapped on the host, adapting every item each
+step either way (the full softmax needs them all). Pre-training passes only their widths (``feature_dims``):
+each :class:`~missrec.data.pretrain_batch.PretrainBatch` brings the rows of the items it touches, its interest
+ids and centroids, so the model holds nothing that grows with the catalogue.
+
 With ``final_norm``, ``interest_reg="official"``, ``pad_negative`` and ``adapter_init="torch"``, the
 forward pass and the fine-tuning loss are the official code's (tests/test_official_parity.py).
 
@@ -48,7 +54,7 @@ Usage::
 
     model = MISSRec(num_items, [text_feats, image_feats], use_ids=True)
     model.refresh_interests()            # the trainer calls begin_epoch() for this
-    terms = model.loss(batch)            # {"loss", "ce", "interest_reg"}
+    terms = model.loss(model.prepare(batch).to(device))   # {"loss", "ce", "interest_reg"}
     scores = model.full_scores(batch)    # [B, num_items]
 """
 
@@ -64,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.data.batching import Batch, length_groups
+from missrec.data.batching import Batch
 from missrec.models.adapters import make_adapter
 from missrec.models.history import (
     HistoryScoring,
@@ -75,6 +81,7 @@ from missrec.models.losses import interest_regulariser
 from missrec.models.sasrec import gather_last, init_weights
 
 if TYPE_CHECKING:
+    from missrec.data.pretrain_batch import PretrainBatch
     from missrec.interests.index import InterestIndex
 
 log = logging.getLogger(__name__)
@@ -97,7 +104,7 @@ class MISSRec(HistoryScoring, nn.Module):
     def __init__(
         self,
         num_items: int,
-        features: Sequence[np.ndarray | torch.Tensor],
+        features: Sequence[np.ndarray | torch.Tensor] | None,
         hidden: int = 300,
         max_len: int = 50,
         encoder_layers: int = 1,
@@ -118,15 +125,18 @@ class MISSRec(HistoryScoring, nn.Module):
         interest_reg: str = "mean",
         adapter_init: str = "normal",
         pad_negative: bool = False,
-        length_group_overhead: int | None = None,
         use_interests: bool = True,
         history_bias: bool = False,
         history_bias_fit: str = "validation",
         history_affinity: bool = False,
+        feature_dims: Sequence[int] = (),
+        feature_cache: bool = True,
     ) -> None:
         super().__init__()
-        if not features:
-            raise ValueError("MISSRec needs at least one modality feature table")
+        if not features and not feature_dims:
+            raise ValueError("MISSRec needs at least one modality: feature tables, or their widths (pre-training)")
+        if features is None and use_ids:
+            raise ValueError("a model without feature tables (pre-training) is ID-agnostic: use_ids must be False")
         if fusion not in ("dynamic", "mean"):
             raise ValueError(f"fusion must be 'dynamic' or 'mean', got {fusion!r}")
         if interest_reg not in ("mean", "sum", "official"):
@@ -138,30 +148,43 @@ class MISSRec(HistoryScoring, nn.Module):
         self.interest_reg = interest_reg
         self.use_interests = use_interests
         self.pad_negative = pad_negative
-        # what one more pass costs, in padded positions (length_groups); None: by device; -1: one pass per batch
-        self.length_group_overhead = length_group_overhead
         self.num_items = num_items
-        self.num_modalities = len(features)
+        self.num_modalities = len(features) if features is not None else len(feature_dims)
         self.hidden = hidden
         self.use_ids = use_ids
         self.temperature = temperature
         self.fusion = fusion
         self.interest_weight = interest_weight
         self.interest_cfg = interest_cfg
-        present = []
-        for m, f in enumerate(features):
-            t = torch.from_numpy(np.array(f, dtype=np.float32))  # a private copy (inputs may be read-only memmaps)
-            if t.shape[0] != num_items:
-                raise ValueError(f"feature table {m} has {t.shape[0]} rows, expected {num_items}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"feature table {m} holds NaN or inf")
-            # row 0 = padding (all zero), row i + 1 = item i
-            self.register_buffer(f"feat{m}", torch.cat([torch.zeros(1, t.shape[1]), t]), persistent=False)
-            present.append(torch.cat([torch.zeros(1, dtype=torch.bool), t.abs().sum(1) > 0]))
-        self.register_buffer("present", torch.stack(present, dim=1), persistent=False)  # [N + 1, M]
+        # fine-tuning: the tables, row 0 = padding (all zero), row i + 1 = item i; on the device (buffers) or on the
+        # host (memory-mapped, ``feature_cache=False``); pre-training: none (each batch brings its rows)
+        self._host_tables: list[np.ndarray] | None = None
+        self.has_tables = features is not None
+        dims = [int(d) for d in feature_dims]
+        if features is not None:
+            dims = [int(np.shape(f)[1]) for f in features]
+            present = []
+            host = []
+            for m, f in enumerate(features):
+                if np.shape(f)[0] != num_items:
+                    raise ValueError(f"feature table {m} has {np.shape(f)[0]} rows, expected {num_items}")
+                if feature_cache:
+                    t = torch.from_numpy(np.array(f, dtype=np.float32))  # a private copy (inputs may be memmaps)
+                    if not torch.isfinite(t).all():
+                        raise ValueError(f"feature table {m} holds NaN or inf")
+                    self.register_buffer(f"feat{m}", torch.cat([torch.zeros(1, t.shape[1]), t]), persistent=False)
+                    present.append(torch.cat([torch.zeros(1, dtype=torch.bool), t.abs().sum(1) > 0]))
+                else:
+                    host.append(f)
+                    rows = [np.abs(np.asarray(f[s : s + 65536], dtype=np.float32)).sum(1) > 0
+                            for s in range(0, num_items, 65536)]
+                    present.append(torch.from_numpy(np.concatenate([[False], *rows])))
+            if host:
+                self._host_tables = host
+            self.register_buffer("present", torch.stack(present, dim=1), persistent=False)  # [N + 1, M]
+        self.feature_dims = dims
         self.adapters = nn.ModuleList(
-            make_adapter(adapter, int(getattr(self, f"feat{m}").shape[1]), hidden, adapter_dropout, moe_experts)
-            for m in range(self.num_modalities)
+            make_adapter(adapter, dims[m], hidden, adapter_dropout, moe_experts) for m in range(self.num_modalities)
         )
         self.item_id = nn.Embedding(num_items + 1, hidden, padding_idx=0) if use_ids else None
         self.pos_emb = nn.Embedding(max_len, hidden)
@@ -188,9 +211,13 @@ class MISSRec(HistoryScoring, nn.Module):
         # an offset, in cosine units, of the items already in the history (0: plain MISSRec), and the weight (logits
         # per unit of cosine) of the history affinity (missrec.models.history)
         self.init_history_scoring(history_bias, history_bias_fit, history_affinity)
-        # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]
-        self.register_buffer("item_interest", torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
-        self.register_buffer("centroids", torch.zeros(1, hidden))
+        # the interest index: per (item, modality) interest id (-1: missing), and centroids [C, D]; a host copy of
+        # the ids (prepare() finds a batch's interests there); pre-training keeps its index in files instead
+        if self.has_tables:
+            self.register_buffer("item_interest",
+                                 torch.full((num_items + 1, self.num_modalities), -1, dtype=torch.long))
+            self.register_buffer("centroids", torch.zeros(1, hidden))
+        self._host_index: InterestIndex | None = None
         self._eval_tokens: torch.Tensor | None = None
         self.apply(init_weights)
         if adapter_init == "torch":  # the official code's adapters keep torch's default init (non-zero bias)
@@ -209,8 +236,31 @@ class MISSRec(HistoryScoring, nn.Module):
 
     def adapt(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """Adapted tokens [M, R, D] of feature rows ``rows`` (item index + 1), in the adapters' dtype."""
-        dtype = self.pos_emb.weight.dtype  # bf16 under a bf16 engine, which leaves buffers as they are
-        return torch.stack([ad(getattr(self, f"feat{m}")[rows].to(dtype)) for m, ad in enumerate(self.adapters)])
+        if not self.has_tables:
+            raise RuntimeError("this model has no feature tables (pre-training): adapt a batch's rows (adapt_rows)")
+        if self._host_tables is None:
+            return self.adapt_rows([getattr(self, f"feat{m}")[rows] for m in range(self.num_modalities)])
+        return self.adapt_rows([self._host_rows(m, rows) for m in range(self.num_modalities)])
+
+    def _host_rows(self, m: int, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Feature rows ``rows`` (item index + 1; 0 = padding) of host table ``m``, on the model's device."""
+        table = self._host_tables[m]
+        values = np.arange(self.num_items + 1)[rows] if isinstance(rows, slice) else rows.cpu().numpy()
+        out = np.zeros((len(values), table.shape[1]), dtype=np.float32)
+        real = np.flatnonzero(values > 0)
+        out[real] = table[values[real] - 1]
+        return torch.from_numpy(out).to(self.pos_emb.weight.device, non_blocking=True)
+
+    def adapt_rows(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Adapted tokens [M, U, D] of feature rows ``feats`` (one [U, F_m] per modality), in the adapters' dtype
+        (bf16 under a bf16 engine, float32 otherwise; float16 rows are widened)."""
+        dtype = self.pos_emb.weight.dtype
+        return torch.stack([ad(f.to(dtype)) for f, ad in zip(feats, self.adapters)])
+
+    @staticmethod
+    def rows_present(feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Which modalities each row has [U, M] (an all-zero feature row is a missing modality)."""
+        return torch.stack([f.abs().sum(-1) > 0 for f in feats], dim=1)
 
     def begin_eval(self) -> None:
         """Cache the item tokens for a whole evaluation pass (they do not change without gradients)."""
@@ -226,43 +276,42 @@ class MISSRec(HistoryScoring, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the interest index changes size with the pool: take the saved one's shape before loading it
         key = prefix + "centroids"
-        if key in state_dict and state_dict[key].shape != self.centroids.shape:
+        if self.has_tables and key in state_dict and state_dict[key].shape != self.centroids.shape:
             self.centroids = torch.zeros_like(state_dict[key], device=self.centroids.device)
         key = prefix + "fusion_factor"
         if key in state_dict and state_dict[key].dim() == 0:  # saved before it became [1]
             state_dict[key] = state_dict[key].reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.has_tables and prefix + "item_interest" in state_dict:  # the host copy follows the loaded index
+            from missrec.interests.index import InterestIndex
+
+            host = self.item_interest[1:].cpu()
+            self._host_index = InterestIndex(host, self.centroids.cpu()) if bool((host >= 0).any()) else None
 
     # ------------------------------------------------------------------------------ interests
     @property
     def has_interests(self) -> bool:
-        return bool((self.item_interest[1:] >= 0).any())
+        return self._host_index is not None
 
     @torch.no_grad()
-    def refresh_interests(
-        self, rank: int = 0, world_size: int = 1, discover: Callable[..., object] | None = None
-    ) -> dict[str, float]:
-        """Multi-modal interest discovery over all present item tokens; rebuilds the interest index.
-
-        With ``world_size`` > 1 this rank adapts only its contiguous slice of the items and ``discover``
-        (e.g. :func:`missrec.interests.distributed.discover_interests_distributed`) clusters the pool
-        made of every rank's slice in rank order; every rank ends with the same index. Without interests
-        (``use_interests=False``) there is nothing to discover: the index stays empty and ``{}`` is returned."""
+    def refresh_interests(self) -> dict[str, float]:
+        """Multi-modal interest discovery over all present item tokens (single process; pre-training discovers
+        across ranks into files, :mod:`missrec.train.pretrain_mid`); rebuilds the interest index. Without
+        interests (``use_interests=False``) there is nothing to discover: ``{}`` is returned."""
         if not self.use_interests:
             return {}
-        from missrec.interests import InterestConfig, discover_interests
-        from missrec.interests.index import discover_item_interests, item_slice
+        from missrec.interests import InterestConfig
+        from missrec.interests.index import discover_item_interests
+        from missrec.interests.sampled import discover_interests_sampled
 
         t0 = time.perf_counter()
         was_training = self.training
         self.eval()
-        lo, hi = item_slice(self.num_items, rank, world_size)
-        tokens = self.adapt(slice(1 + lo, 1 + hi))  # [M, n_r, D]
+        tokens = self.adapt(slice(1, None))  # [M, N, D]
         self.train(was_training)
         cfg = self.interest_cfg if self.interest_cfg is not None else InterestConfig()
-        item_interest, centroids, result = discover_item_interests(
-            tokens, self.present[1:], lo, cfg, discover or discover_interests, world_size
-        )
+        item_interest, centroids, result = discover_item_interests(tokens, self.present[1:], cfg,
+                                                                   discover_interests_sampled)
         self.set_interest_index(item_interest, centroids)
         sizes = result.cluster_sizes()
         secs = time.perf_counter() - t0
@@ -274,13 +323,20 @@ class MISSRec(HistoryScoring, nn.Module):
         }
 
     def set_interest_index(self, item_interest: torch.Tensor, centroids: torch.Tensor) -> None:
-        """Install an interest index: ``item_interest`` [N, M] (-1: missing), ``centroids`` [C, D]."""
+        """Install an interest index: ``item_interest`` [N, M] (-1: missing), ``centroids`` [C, D]; checked here,
+        once, not at every forward."""
+        from missrec.interests.index import InterestIndex
+
+        if not self.has_tables:
+            raise RuntimeError("a model without feature tables (pre-training) reads its interest index from files")
         if tuple(item_interest.shape) != (self.num_items, self.num_modalities):
             raise ValueError(f"item_interest must be [{self.num_items}, {self.num_modalities}], "
                              f"got {tuple(item_interest.shape)}")
         dev = self.item_interest.device
         pad = torch.full((1, self.num_modalities), -1, dtype=torch.long)
-        self.item_interest = torch.cat([pad, item_interest.cpu().long()]).to(dev)
+        host = torch.cat([pad, item_interest.cpu().long()])
+        self._host_index = InterestIndex(host[1:], centroids.detach().cpu())  # validates the ids
+        self.item_interest = host.to(dev)
         self.centroids = centroids.detach().to(dev, torch.float32).clone()
 
     def begin_epoch(self, epoch: int) -> dict[str, float]:
@@ -293,82 +349,74 @@ class MISSRec(HistoryScoring, nn.Module):
         self.refresh_interests()
 
     def interest_index(self) -> InterestIndex:
-        """The current interest index (item rows without the padding row)."""
-        from missrec.interests.index import InterestIndex
-
-        return InterestIndex(self.item_interest[1:], self.centroids)
+        """The current interest index (item rows without the padding row), on the host."""
+        if self._host_index is None:
+            raise RuntimeError("no interest index yet: call refresh_interests()")
+        return self._host_index
 
     # ------------------------------------------------------------------------------ forward
-    def encode(
-        self, batch: Batch, tokens: torch.Tensor, lut: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """User representation [B, D] (L2-normalised) and the interest regulariser (scalar).
+    def prepare(self, batch: Batch) -> Batch:
+        """On the host, before the batch moves to the device: its distinct interests (ids [B, K] and mask), so the
+        step needs no host sync. Batches that skip this get them on the device (evaluation)."""
+        if not self.use_interests or self._host_index is None or batch.seq.device.type != "cpu":
+            return batch
+        ids, imask = self._interests(batch, self._host_index)
+        return batch.with_interests(ids, imask)
 
-        ``tokens`` [M, N + 1, D] for every item, or [M, U, D] for a subset with ``lut`` [N + 1] mapping
-        item index + 1 to its row in ``tokens``. Rows of mixed history lengths run as a few passes over rows
-        of similar length (:func:`~missrec.data.batching.length_groups`), each cut to its own longest history:
-        the same result as one padded pass, with far less padding."""
-        overhead = self.length_group_overhead
-        if overhead is None:  # a pass costs ~128 positions on a CPU thread; ~4096 guessed for a GPU (launch-bound)
-            overhead = 128 if batch.seq.device.type == "cpu" else 4096
-        groups = length_groups(batch.seq_len, overhead)
-        ids, imask = self._interests(batch)  # [B, K], once for the whole batch
-        if len(groups) == 1:
-            return self._encode(batch, tokens, lut, ids, imask)
-        parts = []
-        for g in groups:
-            gi, gm = ids[g], imask[g]  # [b, K]
-            if self.interest_reg != "official":  # the official one sums padded slots too: it keeps the batch's K
-                k = max(int(gm.sum(1).max()), 1)  # real ids are left-aligned
-                gi, gm = gi[:, :k], gm[:, :k]
-            parts.append(self._encode(batch.select(g), tokens, lut, gi, gm))
-        user = torch.cat([u for u, _ in parts])[torch.argsort(torch.cat(groups))]  # [B, D] in batch order
-        if self.interest_reg in ("official", "sum"):  # a sum over rows
-            return user, torch.stack([r for _, r in parts]).sum()
-        return user, sum(r * len(g) for (_, r), g in zip(parts, groups)) / len(batch)  # a mean over rows
+    def encode(self, batch: Batch, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """User representation [B, D] (L2-normalised) and the interest regulariser (scalar), with the adapted
+        ``tokens`` [M, N + 1, D] of every item. The batch's interests come from :meth:`prepare` when it ran."""
+        if batch.interests is not None:
+            ids, imask = batch.interests, batch.imask
+        elif self.use_interests:
+            ids, imask = self._interests(batch, self.interest_index().to(batch.seq.device))
+        else:
+            ids = torch.zeros(len(batch), 0, dtype=torch.long, device=batch.seq.device)  # [B, 0]
+            imask = ids.bool()
+        seq = batch.seq  # [B, L] item values: the rows of the full table
+        interest = None
+        if self.encoder is not None:
+            interest = self.centroids[ids.clamp(min=0)].detach() * imask.unsqueeze(-1)  # [B, K, D]
+        id_emb = self.item_id(seq) if self.item_id is not None else None
+        return self.encode_rows(seq, batch.seq_len, tokens, self.present, interest, imask, id_emb)
 
-    def _interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch's distinct interest ids [B, K] (-1 where padded) and their mask [B, K]; K = 0 without
-        interests (``use_interests=False``)."""
-        if not self.use_interests:
-            empty = torch.zeros(len(batch), 0, dtype=torch.long, device=batch.seq.device)  # [B, 0]
-            return empty, empty.bool()
-        ids, imask = self.interest_index().sequence_interests(batch.seq)  # [B, K]
+    def _interests(self, batch: Batch, index: InterestIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's distinct interest ids [B, K] (-1 where padded) and their mask [B, K] from ``index``."""
+        ids, imask = index.sequence_interests(batch.seq.to(index.item_interest.device))  # [B, K]
         if self.interest_reg == "official":  # its list holds the padding id too: one more slot where a row has padding
-            has_pad = batch.seq_len < self.pos_emb.num_embeddings  # [B] (it pads every history to max_len)
+            has_pad = batch.seq_len.to(ids.device) < self.pos_emb.num_embeddings  # [B] (it pads every history to max_len)
             extra = int((imask.sum(1) + has_pad).max()) - ids.shape[1]
             if extra > 0:
                 ids = F.pad(ids, (0, extra), value=-1)
                 imask = F.pad(imask, (0, extra), value=False)
         return ids, imask
 
-    def _encode(
-        self, batch: Batch, tokens: torch.Tensor, lut: torch.Tensor | None, ids: torch.Tensor, imask: torch.Tensor
+    def encode_rows(
+        self, rows: torch.Tensor, seq_len: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor,
+        interest: torch.Tensor | None, imask: torch.Tensor, id_emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode` in one pass, given the rows' interest ``ids`` and ``imask`` [B, K] (:meth:`_interests`)."""
-        batch = batch.trimmed()
-        seq = batch.seq  # [B, L]
-        length = seq.shape[1]
-        rows = seq if lut is None else lut[seq]  # [B, L]
-        present = self.present[seq].to(tokens.dtype)  # [B, L, M]
-        x = torch.zeros(*seq.shape, self.hidden, device=seq.device, dtype=tokens.dtype)
+        """The interest-aware encoder-decoder on a batch given as rows of an item table: ``rows`` [B, L] (0 = the
+        padding row), ``seq_len`` [B], the table's adapted ``tokens`` [M, U, D] and ``present`` [U, M], the rows'
+        ``interest`` vectors [B, K, D] with ``imask`` [B, K] (None without interests), ``id_emb`` [B, L, D]
+        (transductive). Returns the user representation [B, D] (L2-normalised) and the interest regulariser."""
+        length = rows.shape[1]
+        pres = present[rows].to(tokens.dtype)  # [B, L, M]
+        x = torch.zeros(*rows.shape, self.hidden, device=rows.device, dtype=tokens.dtype)
         for m in range(self.num_modalities):
-            x = x + tokens[m][rows] * present[..., m : m + 1]  # [B, L, D]
-        if self.item_id is not None:
-            x = x + self.item_id(seq)
-        x = x + self.pos_emb(torch.arange(length, device=seq.device))[None]
+            x = x + tokens[m][rows] * pres[..., m : m + 1]  # [B, L, D]
+        if id_emb is not None:
+            x = x + id_emb
+        x = x + self.pos_emb(torch.arange(length, device=rows.device))[None]
         x = self.drop(self.norm(x))
-        if self.encoder is None:  # without interests: self-attention over the sequence only, no regulariser
-            h = self.decoder(x, src_key_padding_mask=seq == 0)  # [B, L, D]
-            return F.normalize(gather_last(h, batch.seq_len), dim=-1), x.new_zeros(())
-
+        pad = rows == 0  # [B, L]
+        if self.encoder is None or interest is None:  # without interests: self-attention over the sequence only
+            h = self.decoder(x, src_key_padding_mask=pad)  # [B, L, D]
+            return F.normalize(gather_last(h, seq_len), dim=-1), x.new_zeros(())
         # padded slots are zero vectors (masked everywhere; only the official regulariser sums their outputs)
-        interest = self.centroids[ids.clamp(min=0)].detach().to(x.dtype) * imask.unsqueeze(-1)  # [B, K, D]
-        memory = self.encoder(interest, src_key_padding_mask=~imask)  # [B, K, D]
+        memory = self.encoder(interest.to(x.dtype), src_key_padding_mask=~imask)  # [B, K, D]
         reg = interest_regulariser(memory, imask, self.interest_reg)
-        h = self.decoder(x, memory, tgt_key_padding_mask=seq == 0, memory_key_padding_mask=~imask)  # [B, L, D]
-        user = F.normalize(gather_last(h, batch.seq_len), dim=-1)  # [B, D]
-        return user, reg
+        h = self.decoder(x, memory, tgt_key_padding_mask=pad, memory_key_padding_mask=~imask)  # [B, L, D]
+        return F.normalize(gather_last(h, seq_len), dim=-1), reg
 
     def score(self, user: torch.Tensor, tokens: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic-fusion scores: ``user`` [B, D], ``tokens`` [M, N + 1, D], candidate ``items`` [C]
@@ -458,27 +506,17 @@ class MISSRec(HistoryScoring, nn.Module):
                                    self.history_bias_fit == "detached")
         return {"loss": ce + self.interest_weight * reg, "ce": ce, "interest_reg": reg}
 
-    def subset_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Adapted tokens of only the items a batch touches: ``items`` (item index + 1, any shape) ->
-        (tokens [M, U, D], their rows ``uniq`` [U], ``lut`` [N + 1] item -> row; padding is row 0)."""
-        pad = torch.zeros(1, dtype=items.dtype, device=items.device)
-        uniq = torch.unique(torch.cat([pad, items.reshape(-1)]))  # sorted: uniq[0] == 0
-        lut = torch.zeros(self.present.shape[0], dtype=torch.long, device=items.device)
-        lut[uniq] = torch.arange(uniq.numel(), device=items.device)
-        tokens = self.adapt(uniq)
-        return tokens, uniq, lut
-
     def pretrain_loss(
-        self, batch: Batch, drop_prob: float = 0.2, seq_seq_weight: float = 0.1,
-        generator: torch.Generator | None = None, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, batch: PretrainBatch, seq_seq_weight: float = 0.1,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pre-training loss terms: :func:`missrec.models.losses.pretrain_objective` (its arguments)."""
         from missrec.models.losses import pretrain_objective
 
-        return pretrain_objective(self, batch, drop_prob, seq_seq_weight, generator, gather, keys)
+        return pretrain_objective(self, batch, seq_seq_weight, gather)
 
-    def forward(self, batch: Batch, objective: str = "pretrain", **kwargs: object) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch | PretrainBatch, objective: str = "pretrain", **kwargs: object
+                ) -> dict[str, torch.Tensor]:
         """The loss terms of ``objective`` (``pretrain`` or ``finetune``); engines (DeepSpeed ZeRO-3)
         gather partitioned parameters around this call."""
         if objective == "pretrain":

@@ -102,11 +102,10 @@ class SASRec(HistoryScoring, nn.Module):
         x = self.drop(self.norm(x))
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=seq.device), 1)  # [L, L]
         pad = seq == 0  # [B, L]
-        return self.encoder(x, mask=causal, src_key_padding_mask=pad)  # [B, L, D]
+        return self.encoder(x, mask=causal, src_key_padding_mask=pad, is_causal=True)  # [B, L, D]; no mask check
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """User representation: [B, D]."""
-        batch = batch.trimmed()
         return gather_last(self.hidden_states(batch), batch.seq_len)
 
     def plain_scores(self, batch: Batch) -> torch.Tensor:
@@ -145,7 +144,6 @@ class SASRec(HistoryScoring, nn.Module):
             ce = history_cross_entropy(self.plain_scores(batch), batch.target, batch.seq, offset,
                                        detach=self.history_bias_fit == "detached")
             return {"loss": ce, "ce": ce}
-        batch = batch.trimmed()
         h = self.hidden_states(batch)  # [B, L, D]
         seq = batch.seq
         # label at t = the item at t + 1 (0-based), and the row's target after the last real item

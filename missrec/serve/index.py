@@ -177,9 +177,11 @@ class ItemIndex:
     def _to_device(self, index: Any) -> Any:
         if not self.on_gpu:
             return index
+        from missrec.interests.knn import gpu_device
+
         if self._gpu_res is None:
             self._gpu_res = self.faiss.StandardGpuResources()
-        return self.faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        return self.faiss.index_cpu_to_gpu(self._gpu_res, gpu_device(self.faiss), index)
 
     def _as_matrix(self, x: np.ndarray, what: str) -> np.ndarray:
         a = np.ascontiguousarray(x, dtype=np.float32)

@@ -95,7 +95,7 @@ class Recommender:
         copy_model: bool = True,
         source: str = "",
     ) -> None:
-        from missrec.train.loop import resolve_device
+        from missrec.train.placement import resolve_device
 
         self.cfg = cfg
         self.max_len = int(max_len)
@@ -127,7 +127,7 @@ class Recommender:
     def from_run(cls, run_dir: str | Path, cfg: ServeConfig = ServeConfig(), data_root: str | None = None) -> Recommender:
         """Load a fine-tuning run folder (config, domain data, model, ``best.pt``) and index its items."""
         from missrec.serve.loading import load_run
-        from missrec.train.loop import resolve_device
+        from missrec.train.placement import resolve_device
 
         run = load_run(run_dir, data_root, str(resolve_device(cfg.device)))
         rec = cls(run.model, run.raw_ids, run.texts, run.cfg.data.max_len, cfg,

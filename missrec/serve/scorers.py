@@ -232,8 +232,8 @@ class MISSRecScorer:
         for i, f in enumerate(feats):
             setattr(m, f"feat{i}", torch.cat([getattr(m, f"feat{i}"), f.to(getattr(m, f"feat{i}").dtype)]))
         m.present = torch.cat([m.present, present])
-        m.item_interest = torch.cat([m.item_interest, interests.to(m.item_interest.device)])
         m.num_items = int(m.num_items) + n
+        m.set_interest_index(torch.cat([m.item_interest[1:], interests.to(m.item_interest.device)]), m.centroids)
         self.tokens = torch.cat([self.tokens, new_tokens.to(self.tokens.dtype)], dim=1)
         log.info("added %d items inductively (catalogue now %d)", n, m.num_items)
 

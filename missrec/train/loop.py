@@ -24,6 +24,7 @@ from missrec.errors import ConfigError
 from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
 from missrec.models.history import ValidatedAffinity, ValidatedOffset, fit_offset_on_validation
 from missrec.train.averaging import WeightAverage
+from missrec.train.placement import place, resolve_device
 from missrec.train.rank_zero import RankZero
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,20 @@ class Recommender(Protocol):
 class NonFiniteLossError(RuntimeError):
     """A NaN/inf loss with ``nonfinite="error"``: the message names the step, the batch and the
     parameters that are no longer finite (if any)."""
+
+
+def _check_finite(first_bad: torch.Tensor, epoch: int, users: dict[int, torch.Tensor], model: nn.Module) -> None:
+    """Raise :class:`NonFiniteLossError` when a step of this epoch had a NaN/inf loss (read at the logging
+    syncs); ``users``: the first users of the recent steps' batches, by step."""
+    step = int(first_bad)
+    if step >= 0:
+        who = users.get(step)
+        raise NonFiniteLossError(
+            f"epoch {epoch} step {step}: loss is not finite for the batch of users "
+            f"{who.tolist() if who is not None else '(not recorded)'}...; it was seen at the next logging sync, "
+            f"after the step was applied; non-finite parameters now: {nonfinite_parameters(model)}; set "
+            "train.nonfinite=skip to check each step and skip such steps"
+        )
 
 
 def nonfinite_parameters(model: nn.Module, limit: int = 8) -> str:
@@ -78,10 +93,13 @@ class FitResult:
         }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def step_terms(model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """A fine-tuning step's loss terms: data-dependent shapes decided on the host (``model.prepare``), the batch
+    moved to ``device`` (where the model is), the loss computed there without a host sync."""
+    prepare = getattr(model, "prepare", None)
+    if prepare is not None:
+        batch = prepare(batch)
+    return model.loss(place(batch, device))
 
 
 @torch.no_grad()
@@ -94,7 +112,7 @@ def evaluate(
     metrics = RankingMetrics(ks, ties)
     with scoring(model):
         for batch in batches:
-            batch = batch.to(device)
+            batch = place(batch, device)
             metrics.update(model.full_scores(batch), batch.target)
     return metrics.compute()
 
@@ -148,7 +166,10 @@ def fit(
         if hook is not None:
             for k, v in (hook(epoch) or {}).items():
                 out.scalars({f"interests/{k}": v}, global_step)
-        total, count, seqs = 0.0, 0, 0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # the epoch's loss, added up on the device
+        count, seqs = 0, 0
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step ("error")
+        recent_users: dict[int, torch.Tensor] = {}
         bar = tqdm(
             train_batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
             disable=None if cfg.progress else True, unit="batch",  # None: no bar when not a terminal
@@ -156,20 +177,18 @@ def fit(
         for step, batch in enumerate(bar):
             if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
                 break
-            batch = batch.to(device)
-            terms = model.loss(batch)
+            recent_users[step] = batch.user[:8]  # on the host: named if this step's loss is not finite
+            recent_users.pop(step - 64, None)
+            terms = step_terms(model, batch, device)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                if cfg.nonfinite == "skip":
-                    skipped += 1
-                    log.warning("epoch %d step %d: non-finite loss skipped (%d so far)", epoch, step, skipped)
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                raise NonFiniteLossError(
-                    f"epoch {epoch} step {step}: loss is {loss.item()} for the batch of {len(batch)} rows, users "
-                    f"{batch.user[:8].tolist()}{'...' if len(batch) > 8 else ''}; non-finite parameters: "
-                    f"{nonfinite_parameters(model)}; set train.nonfinite=skip to skip such steps"
-                )
+            if cfg.nonfinite == "skip" and not torch.isfinite(loss):  # a host sync per step, asked for
+                skipped += 1
+                log.warning("epoch %d step %d: non-finite loss skipped (%d so far)", epoch, step, skipped)
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            if cfg.nonfinite == "error":
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -180,16 +199,19 @@ def fit(
             if average is not None:
                 average.update()
             global_step += 1
-            total += float(loss.detach())
+            total += loss.detach().double()
             count += 1
             seqs += len(batch)
-            if global_step % 20 == 0:
+            if global_step % 20 == 0:  # the logging interval: the only host syncs of the loop
+                _check_finite(first_bad, epoch, recent_users, model)
                 vals = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
                 vals["train/lr"] = optimizer.param_groups[0]["lr"]
                 if gnorm is not None:
                     vals["train/grad_norm"] = float(gnorm)
                 out.scalars(vals, global_step)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+                bar.set_postfix(loss=f"{float(total) / count:.4f}")
+        _check_finite(first_bad, epoch, recent_users, model)
+        total = float(total)
         bar.close()
         epoch_train = time.perf_counter() - t0
         train_time += epoch_train

@@ -20,7 +20,8 @@ import torch
 
 from missrec.eval.metrics import check_tie_rule
 from missrec.eval.popularity import check_edges, evaluate_by_popularity, target_counts
-from missrec.train.loop import evaluate, resolve_device
+from missrec.train.loop import evaluate
+from missrec.train.placement import resolve_device
 
 if TYPE_CHECKING:
     from missrec.serve.loading import LoadedRun
