@@ -4,6 +4,7 @@
     python launcher/bench.py mid --tokens 100000 --dim 300
     python launcher/bench.py extract --items 3000
     python launcher/bench.py pretrain --ranks 1,2 --steps 40
+    python launcher/bench.py gpu --data-root ../shared/datasets/scientific_mm   # on a GPU machine, ~8 minutes
     python launcher/bench.py scale --items 100000,1000000,4000000   # 2-rank pre-training as the catalogue grows
     python launcher/bench.py serve --run runs/ind --extra 0,100000 --kinds flat,hnsw   # a run with a history affinity
     python launcher/bench.py report [--quick] [--skip mid,pretrain]   # all of them -> docs/benchmarks.md
@@ -74,6 +75,13 @@ def cmd_scale(args: argparse.Namespace) -> dict:
     items = tuple(int(x) for x in args.items.split(",") if x)
     return run_scale_benchmark(items=items, steps=args.steps, batch_size=args.batch_size, hidden=args.hidden,
                                workdir=args.workdir, extra=tuple(args.overrides))
+
+
+def cmd_gpu(args: argparse.Namespace) -> dict:
+    from missrec.bench.gpu import run_gpu_check
+
+    return run_gpu_check(args.data_root, args.workdir, quick=args.quick,
+                         only=tuple(x for x in args.only.split(",") if x))
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
@@ -149,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--workdir", default=None, help="where catalogues (cached) and runs go (default runs/bench-scale)")
     sc.add_argument("--set", action="append", default=[], dest="overrides", help="pre-training config override")
     sc.set_defaults(fn=cmd_scale)
+    gp = sub.add_parser("gpu", help="the GPU check: pre-training, fine-tuning, MID, extraction, scale on one GPU")
+    gp.add_argument("--data-root", default="../shared/datasets/scientific_mm", help="scientific_mm (fine-tuning)")
+    gp.add_argument("--workdir", default=None)
+    gp.add_argument("--only", default="", help="comma-separated checks (pretrain,finetune,mid_1m,extract,scale_1m)")
+    gp.add_argument("--quick", action="store_true", help="tiny sizes (to try the script without a GPU)")
+    gp.set_defaults(fn=cmd_gpu)
     sv = sub.add_parser("serve", help="a run with a history affinity: index + history neighbours vs full ranking")
     sv.add_argument("--run", required=True, help="fine-tuning run folder (inductive MISSRec to grow the catalogue)")
     sv.add_argument("--extra", default="0,100000", help="comma-separated numbers of synthetic items to add")
