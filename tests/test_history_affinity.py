@@ -152,3 +152,25 @@ def test_affinity_is_on_by_default_only_with_the_offset_chosen_on_validation():
         assert missrec_from_config(cfg, 12, feats, 10, 0).affinity_weight is None
     assert build_sasrec(SASRecConfig(), 20, 8).affinity_weight is None  # plain SASRec, the paper's baseline
     assert build_sasrec(SASRecConfig(history_bias=True), 20, 8).affinity_weight is not None
+
+
+def test_grid_ranks_equal_ranking_every_pair():
+    """The one-pass-per-weight ranks equal ranking every (weight, offset) pair's scores in full, with tied scores
+    (duplicated columns) and targets that are history items."""
+    from missrec.eval.metrics import target_ranks
+    from missrec.models.history import grid_ranks, history_mask
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(16, 40, generator=g).round(decimals=1)  # coarse values: many exact ties
+    aff = torch.rand(16, 40, generator=g).round(decimals=1)
+    scores[:, 5], aff[:, 5] = scores[:, 7], aff[:, 7]  # a duplicate listing
+    seq = torch.randint(0, 41, (16, 6), generator=g)
+    target = torch.randint(0, 40, (16,), generator=g)
+    seq[0, 0], seq[1, 2] = target[0] + 1, target[1] + 1  # two targets repeat a history item
+    mask = history_mask(seq, 40)
+    weights, offsets = (0.0, 0.5, 2.0), (0.0, -1.0, -2.5, -100.0)
+    got = grid_ranks(scores, aff, mask, target, weights, offsets)
+    for wi, w in enumerate(weights):
+        for gi, off in enumerate(offsets):
+            s = scores + w * aff if w else scores
+            assert torch.equal(got[wi, gi], target_ranks(torch.where(mask, s + off, s), target)), (w, off)

@@ -188,17 +188,55 @@ class HistoryScoring:
             self.affinity_weight.fill_(weight)
 
 
+def grid_ranks(scores: torch.Tensor, aff: torch.Tensor | None, mask: torch.Tensor, target: torch.Tensor,
+               weights: Sequence[float], offsets: Sequence[float]) -> torch.Tensor:
+    """0-based rank of each row's target (ties to the lower item index) under every (affinity weight, offset)
+    pair, as :func:`~missrec.eval.metrics.target_ranks` would give it on ``scores + w * aff`` with ``g`` added
+    to the history items (``mask`` [B, N]) -> [W, G, B]. One pass over [B, N] per weight, not per pair: an
+    offset moves only the row's history items (a few) unless the target is one of them (rare rows, redone per
+    offset). The same float32 sums as the pair-by-pair ranking, so the same ranks bit for bit."""
+    b, n = scores.shape
+    rows = torch.arange(b, device=scores.device)
+    g = torch.tensor(offsets, dtype=scores.dtype, device=scores.device)  # [G]
+    idx = torch.arange(n, device=scores.device)[None, :]  # [1, N]
+    before = idx < target[:, None]  # [B, N]: lower index than the target
+    t_hist = mask[rows, target]  # [B]: the target is a history item
+    hist_rows, hist_cols = mask.nonzero(as_tuple=True)  # the history entries, a few per row
+    out = torch.empty(len(weights), len(offsets), b, dtype=torch.long, device=scores.device)
+    for wi, w in enumerate(weights):
+        sw = scores + w * aff if (w and aff is not None) else scores  # [B, N], as the pair-by-pair path adds it
+        st = sw[rows, target]  # [B]
+        plain = ~mask
+        base = ((sw > st[:, None]) & plain).sum(1) + ((sw == st[:, None]) & plain & before).sum(1)  # [B]
+        hv = sw[hist_rows, hist_cols]  # [H] history entries' scores
+        hg = hv[:, None] + g[None, :]  # [H, G]
+        ht = st[hist_rows][:, None]  # [H, 1]: the row's target score (without offset)
+        hb = before[hist_rows, hist_cols][:, None]
+        over = (hg > ht) | ((hg == ht) & hb)  # [H, G]: history entries ahead of a target not in the history
+        extra = torch.zeros(b, len(offsets), dtype=torch.long, device=scores.device)
+        extra.index_add_(0, hist_rows, over.long())
+        out[wi] = (base[:, None] + extra).T
+        for r in t_hist.nonzero().flatten().tolist():  # the target is a history item: every item moves relative
+            for gi, off in enumerate(offsets):
+                row = torch.where(mask[r], sw[r] + off, sw[r])
+                out[wi, gi, r] = int(((row > row[target[r]]) | ((row == row[target[r]]) & before[r])).sum())
+    return out
+
+
 @torch.no_grad()
 def fit_offset_on_validation(
     model: nn.Module, batches: Iterable[Batch], device: torch.device, grid: Sequence[float],
     metric: str = "ndcg@10", ks: tuple[int, ...] = DEFAULT_KS, ties: str = "index",
     weights: Sequence[float] = (0.0,),
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Score ``batches`` once without an offset (and without affinity), rank them with each offset of ``grid``
-    (logits) added to the history items and, with a model that has one (:class:`ValidatedAffinity`), each
-    affinity weight of ``weights``; set the model to the pair with the best ``metric`` (the first on a tie: list
-    the smaller values first; weights are the outer loop). Returns the choice (``history_offset``, and
-    ``history_affinity`` when ``weights`` holds more than 0) and its metrics."""
+    """Score ``batches`` once without an offset (and without affinity), rank their targets under each offset of
+    ``grid`` (logits) added to the history items and, with a model that has one (:class:`ValidatedAffinity`), each
+    affinity weight of ``weights`` (:func:`grid_ranks`: one pass per weight); set the model to the pair with the
+    best ``metric`` (the first on a tie: list the smaller values first; weights are the outer loop). Returns the
+    choice (``history_offset``, and ``history_affinity`` when ``weights`` holds more than 0) and its metrics.
+    ``ties="expected"`` ranks each pair's scores in full (slower)."""
+    from missrec.eval.metrics import expected_at_k
+
     if not grid or not weights:
         raise ValueError("fit_offset_on_validation needs at least one offset and one affinity weight")
     affine = tuple(weights) != (0.0,)
@@ -206,19 +244,36 @@ def fit_offset_on_validation(
         raise ValueError(f"{type(model).__name__} has no history affinity to weigh")
     pairs = [(w, g) for w in weights for g in grid]
     metrics = [RankingMetrics(ks, ties) for _ in pairs]
+    sums = torch.zeros(len(pairs), 2 * len(ks), dtype=torch.float64)
+    count = 0
     model.set_history_offset(0.0)
     if affine:
         model.set_history_affinity(0.0)
     with scoring(model):
         for batch in batches:
             batch = batch.to(device)
-            scores = model.full_scores(batch)  # [B, N], plain
+            scores = model.full_scores(batch).float()  # [B, N], plain
             mask = history_mask(batch.seq, scores.shape[1])  # [B, N]
             aff = model.history_affinity(batch) if affine else None  # [B, N]
-            for (w, g), m in zip(pairs, metrics):
-                s = scores + w * aff if w else scores
-                m.update(torch.where(mask, s + g, s), batch.target)
-    results = [m.compute() for m in metrics]
+            if ties == "expected":
+                for (w, g), m in zip(pairs, metrics):
+                    s = scores + w * aff if w else scores
+                    m.update(torch.where(mask, s + g, s), batch.target)
+                continue
+            ranks = grid_ranks(scores, aff, mask, batch.target, weights, grid).reshape(len(pairs), -1)  # [P, B]
+            zero = torch.zeros_like(ranks[0])
+            for i in range(len(pairs)):
+                cols = []
+                for k in ks:
+                    hit, ndcg = expected_at_k(ranks[i], zero, k)
+                    cols += [float(hit.sum()), float(ndcg.sum())]
+                sums[i] += torch.tensor(cols, dtype=torch.float64)
+            count += len(batch)
+    if ties == "expected":
+        results = [m.compute() for m in metrics]
+    else:
+        names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
+        results = [dict(zip(names, (sums[i] / max(count, 1)).tolist())) for i in range(len(pairs))]
     best = max(range(len(pairs)), key=lambda i: (results[i][metric], -i))
     w, g = pairs[best]
     model.set_history_offset(float(g))
