@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS ?= cpu,text,dev
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo transfer transfer-quick lint bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) launcher/demo.py --out runs/demo
+
+# the real transfer experiment: four Amazon sources -> Scientific (hours on 2 cores), or a slice of it (minutes)
+transfer: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) launcher/transfer.py --out runs/transfer
+
+transfer-quick: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) launcher/transfer.py --quick --out runs/transfer-quick --quiet
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check missrec launcher tests
