@@ -23,6 +23,7 @@ import numpy as np
 
 from missrec.interests.config import ClusterResult, InterestConfig, resolve_num_clusters
 from missrec.interests.dist_comm import Comm, is_distributed
+from missrec.interests.scratch import Scratch
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def _quota(total: int, sizes: np.ndarray) -> np.ndarray:
 
 class CentroidIndex:
     """Nearest of ``centroids`` [C, D]: an exact flat search for C <= 4096, else an IVF index over the centroids
-    (cells of about sqrt(C) centroids, 16 probed); on the rank's GPU when ``use_gpu`` allows and FAISS has one."""
+    (cells of about sqrt(C) centroids, 8 probed); on the rank's GPU when ``use_gpu`` allows and FAISS has one."""
 
     def __init__(self, centroids: np.ndarray, use_gpu: bool | str = "auto") -> None:
         from missrec.interests.knn import faiss_num_gpus, gpu_device, import_faiss
@@ -50,7 +51,7 @@ class CentroidIndex:
         else:
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, round(math.sqrt(c)), faiss.METRIC_L2)
             index.train(cen)
-            index.nprobe = 16
+            index.nprobe = 8
         index.add(cen)
         if (use_gpu is True or use_gpu == "auto") and faiss_num_gpus(faiss) > 0:
             self._res = faiss.StandardGpuResources()
@@ -87,7 +88,10 @@ def discover_interests_sampled(local_tokens: np.ndarray, cfg: InterestConfig, gr
     rank = comm.rank if comm else 0
     take = int(_quota(s, sizes)[rank])
     chosen = np.sort(np.random.default_rng([int(cfg.seed), 0x73616D70, rank]).choice(n_r, take, replace=False))
-    sample = np.ascontiguousarray(local_tokens[chosen], dtype=np.float32)  # [take, D]
+    scratch = Scratch(cfg.scratch_dir)
+    sample = scratch.empty((take, local_tokens.shape[1]), np.float32, "sample")  # [take, D], on disk when large
+    for b in range(0, take, 1 << 16):
+        sample[b : b + (1 << 16)] = local_tokens[chosen[b : b + (1 << 16)]]
     scfg = replace(cfg, num_clusters=min(resolve_num_clusters(n, cfg), s))  # as many interests as the pool's
     res = discover_interests_distributed(sample, scfg, group) if distributed else discover_interests(sample, scfg)
     t_sample = time.perf_counter() - t0
@@ -105,7 +109,9 @@ def discover_interests_sampled(local_tokens: np.ndarray, cfg: InterestConfig, gr
     res.timings["sample_discovery"] = t_sample
     res.labels = labels
     res.rho = res.delta = None  # per sampled token only: not the pool's
-    res.info.update(sampled=s, pool=n, offset=int(sizes[:rank].sum()))
+    res.info.update(sampled=s, pool=n, offset=int(sizes[:rank].sum()),
+                    scratch_bytes=int(res.info.get("scratch_bytes", 0)) + scratch.file_bytes)
+    scratch.close()
     log.info("MID on a sample of %d of %d tokens in %.1fs, the other %d assigned to the nearest of %d centroids "
              "in %.1fs", s, n, t_sample, n - s, len(res.centroids), res.timings["assign_rest"])
     return res
