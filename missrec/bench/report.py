@@ -32,7 +32,7 @@ from missrec.errors import ConfigError
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("loader", "mid", "extract", "pretrain", "finetune", "flops")
+STAGES = ("loader", "mid", "extract", "pretrain", "finetune", "flops", "scale")
 GIB = float(1 << 30)
 
 
@@ -51,6 +51,10 @@ class ReportConfig:
     mid_exact_max: int = 10_000  # the exact O(N^2) reference runs up to this many tokens
     mid_timeout_s: float = 900.0  # per DPC-KNN / exact MID run; one that runs longer is stopped and reported
     mid_kmeans_timeout_s: float = 300.0  # per k-means run: O(N * C) = O(N^2) at a fixed ratio, so 1M is long
+    # catalogue sizes of the scale stage (an hour for 4 M items); default (20k, 100k) quick, (100k, 1M, 4M) otherwise
+    scale_items: tuple[int, ...] = ()
+    # pre-training overrides of the scale stage: above the sample, MID clusters a sample (missrec.interests.sampled)
+    scale_overrides: tuple[str, ...] = ("missrec.interests.sample_tokens=500000",)
     isolate: bool = True  # each stage in a fresh process (its own memory peak; a crash fails only it)
     progress: bool = True
 
@@ -154,7 +158,8 @@ def _stage_functions() -> dict[str, Callable[[ReportConfig], dict]]:
     from missrec.bench import report_stages as s
 
     return {"loader": s.stage_loader, "mid": s.stage_mid, "extract": s.stage_extract,
-            "pretrain": s.stage_pretrain, "finetune": s.stage_finetune, "flops": s.stage_flops}
+            "pretrain": s.stage_pretrain, "finetune": s.stage_finetune, "flops": s.stage_flops,
+            "scale": s.stage_scale}
 
 
 def run_stages(

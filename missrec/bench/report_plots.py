@@ -124,4 +124,31 @@ def plot_pretrain(path: Path, seq_per_second: Mapping[str, float], shares: Mappi
     return _save(fig, path)
 
 
-__all__ = ["plot_bars", "plot_mid", "plot_pretrain"]
+def plot_scale(path: Path, runs: Sequence[Mapping[str, Any]]) -> Path:
+    """Per catalogue size: peak memory per rank, sequences per second, and MID seconds against N log N scaled
+    from the smallest size (dashed)."""
+    import math
+
+    fig, axes = _figure(12, 3.6, 3)
+    items = [r["items"] for r in runs]
+    panels = (("peak_rss_gib", "peak memory per rank (GiB, page cache excluded)"),
+              ("seq_per_s", "sequences / s (2 ranks)"), ("mid_seconds", "interest discovery (s per epoch)"))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(items, [r[key] for r in runs], marker="o", color="#1f77b4")
+        for x, r in zip(items, runs):
+            ax.annotate(f"{r[key]:,.2f}" if key == "peak_rss_gib" else f"{r[key]:,.0f}", (x, r[key]),
+                        fontsize=8, xytext=(0, 4), textcoords="offset points", ha="center")
+        ax.set_xscale("log")
+        ax.set_xlabel("items in the catalogue")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
+    n0, t0 = 2 * items[0], runs[0]["mid_seconds"]
+    ref = [t0 * (2 * n * math.log(2 * n)) / (n0 * math.log(n0)) for n in items]
+    axes[2].plot(items, ref, linestyle="--", color="#7f7f7f", label="N log N from the smallest")
+    axes[2].set_yscale("log")
+    axes[2].set_ylim(bottom=max(1e-1, min(r["mid_seconds"] for r in runs) / 2))
+    axes[2].legend(fontsize=8)
+    return _save(fig, path)
+
+
+__all__ = ["plot_bars", "plot_mid", "plot_pretrain", "plot_scale"]

@@ -24,6 +24,7 @@ TITLES = {
     "pretrain": "4. Pre-training scaling (DeepSpeed on CPU)",
     "finetune": "5. Fine-tuning epoch time",
     "flops": "6. Dense matmul ceiling and achieved FLOP/s of a training step",
+    "scale": "7. Pre-training as the catalogue grows (2 ranks, CPU)",
 }
 METHOD_NAMES = {"dpc_knn": "DPC-KNN on FAISS", "kmeans": "FAISS k-means", "exact_reference": "exact O(N²) DPC-KNN"}
 
@@ -224,9 +225,28 @@ def _flops(r: Mapping[str, Any], figs: Path, machine: Mapping[str, Any]) -> tupl
     return lines, [p]
 
 
+def _scale(r: Mapping[str, Any], figs: Path, machine: Mapping[str, Any]) -> tuple[list[str], list[Path]]:
+    st = r.get("settings", {})
+    lines = [(f"`python launcher/bench.py scale` ({st.get('steps')} steps of {st.get('batch_size_per_rank')} rows per "
+              f"rank, width {st.get('hidden')}, 2 modalities of {st.get('feature_dim')}-d {st.get('feature_dtype')} "
+              "features, one thread and one DataLoader worker per rank"
+              + (f", `{' '.join(r['overrides'])}`" if r.get("overrides") else "") + "). Peak memory is a rank's "
+              "anonymous memory with its worker's (page cache excluded); MID is the epoch's interest discovery."), ""]
+    rows = [[f"{x['items']:,}", f"{x['rows']:,}", _n(x["peak_rss_gib"], 2), _n(x["seq_per_s"]), _n(x["mid_seconds"]),
+             _n(x["shard_read_per_s"])] for x in r["runs"]]
+    lines += _table(["items", "training rows", "peak GiB per rank", "seq / s", "MID s", "reader rows / s"], rows)
+    if "ratios" in r:
+        ra, met = r["ratios"], r.get("targets_met", {})
+        lines += [(f"Largest against smallest: peak memory x{ra['peak_rss']} (target <= 1.5: "
+                   f"{'met' if met.get('peak_rss_at_most_1.5x') else 'missed'}), seq/s x{ra['seq_per_s']} (within 15 %: "
+                   f"{'met' if met.get('seq_per_s_within_15pct') else 'missed'}), MID x{ra['mid_seconds']} against N log N "
+                   f"x{ra['n_log_n']} ({'met' if met.get('mid_no_faster_than_n_log_n') else 'missed'})."), ""]
+    return lines, [plots.plot_scale(figs / "scale.png", r["runs"])]
+
+
 SECTIONS: dict[str, Callable[[Mapping[str, Any], Path, Mapping[str, Any]], tuple[list[str], list[Path]]]] = {
     "loader": _loader, "mid": _mid, "extract": _extract, "pretrain": _pretrain, "finetune": _finetune,
-    "flops": _flops,
+    "flops": _flops, "scale": _scale,
 }
 
 
@@ -287,7 +307,24 @@ def render_markdown(results: Mapping[str, Any], fig_dir: Path, md_dir: Path) -> 
         lines += text
         lines += [f"![{TITLES[name]}]({_rel(p, md_dir)})\n" for p in pngs]
         figures += pngs
+    lines += _gpu(results.get("gpu"))
     return "\n".join(lines).rstrip() + "\n", figures
+
+
+def _gpu(gpu: Mapping[str, Any] | None) -> list[str]:
+    """The GPU check's record (``results.json`` key ``gpu``, what ``bench.py gpu`` printed), or what it runs."""
+    lines = ["## 8. GPU check", "",
+             ("`python launcher/bench.py gpu --data-root ../shared/datasets/scientific_mm` runs, on one GPU, DeepSpeed "
+              "pre-training on CUDA (NCCL, bf16, ZeRO-2) with interest discovery on faiss-gpu, 3 epochs of "
+              "scientific_mm, MID on 1 M tokens with faiss-gpu, a tiny open_clip model's extraction on CUDA and the "
+              "scale benchmark at 1 M items; each check prints its figures or its error."), ""]
+    if not gpu:
+        return lines + ["Not run on a GPU yet: no GPU machine was lent when this report was written.", ""]
+    lines += [(f"Ran on {gpu.get('device')} ({gpu.get('date', 'date not recorded')}), torch {gpu.get('torch')}, "
+              f"faiss {gpu.get('faiss')}."), ""]
+    rows = [[name, "ok" if c.get("ok") else f"failed: {str(c.get('error', ''))[:150]}", _n(c.get("seconds"))]
+            for name, c in gpu.get("checks", {}).items()]
+    return lines + _table(["check", "result", "seconds"], rows)
 
 
 def render_report(results: Mapping[str, Any], output: str | Path) -> list[Path]:

@@ -311,3 +311,15 @@ __all__ = [
     "stage_mid",
     "stage_pretrain",
 ]
+
+
+# --------------------------------------------------------------------------------------- 7. scale
+def stage_scale(cfg: ReportConfig) -> dict[str, Any]:
+    """2-rank pre-training on catalogues of growing size (:mod:`missrec.bench.scale`); catalogues are cached
+    under runs/bench-scale."""
+    from missrec.bench.scale import run_scale_benchmark
+
+    items = cfg.scale_items or ((20_000, 100_000) if cfg.quick else (100_000, 1_000_000, 4_000_000))
+    out = run_scale_benchmark(items=items, steps=10 if cfg.quick else 30, extra=cfg.scale_overrides)
+    out["overrides"] = list(cfg.scale_overrides)
+    return out
