@@ -79,3 +79,19 @@ def test_build_shards_launcher(synthetic_root, tmp_path):
                 "--out", str(tmp_path / "Office"), "--features", "feat1CLS,feat3CLS", "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "Office" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_checks_and_records_each(tmp_path, shared_datasets):
+    """``bench.py gpu`` on a machine without a GPU (``--quick``): each check runs on the CPU and is recorded with its
+    figures; a check that cannot run (no data) is recorded as failed while the others still run."""
+    proc = _run("launcher/bench.py", "gpu", "--quick", "--only", "finetune,extract,mid_1m", "--workdir",
+                str(tmp_path / "w"), "--data-root", str(shared_datasets / "scientific_mm"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["cuda"] is False and set(out["checks"]) == {"finetune", "extract", "mid_1m"} and out["all_ok"]
+    assert out["checks"]["finetune"]["test"]["recall@10"] > 0 and out["checks"]["extract"]["items"] == 300
+    proc = _run("launcher/bench.py", "gpu", "--quick", "--only", "finetune", "--workdir", str(tmp_path / "x"),
+                "--data-root", str(tmp_path / "nowhere"))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["all_ok"] and "scientific_mm not found" in out["checks"]["finetune"]["error"]
