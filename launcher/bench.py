@@ -7,6 +7,7 @@
     python launcher/bench.py gpu --data-root ../shared/datasets/scientific_mm   # on a GPU machine, ~8 minutes
     python launcher/bench.py scale --items 100000,1000000,4000000   # 2-rank pre-training as the catalogue grows
     python launcher/bench.py serve --run runs/ind --extra 0,100000 --kinds flat,hnsw   # a run with a history affinity
+    python launcher/bench.py validation   # validation with the scoring-policy grid vs a plain one (scientific_mm)
     python launcher/bench.py report [--quick] [--skip mid,pretrain]   # all of them -> docs/benchmarks.md
 """
 
@@ -18,6 +19,8 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+
+from missrec.cli import add_debug_flag, launch
 
 
 def cmd_loader(args: argparse.Namespace) -> dict:
@@ -32,7 +35,7 @@ def cmd_loader(args: argparse.Namespace) -> dict:
         write_domain_shards(dom, folder, samples_per_shard=args.samples_per_shard, show_progress=False)
     reader = run_loader_benchmark(folder, batch_size=512, num_workers=args.workers, epochs=2)
     # SASRec as trained by default (paper settings: batch 512, loss at the last position of each row)
-    sasrec = sasrec_training_rate(folder, batch_size=512, steps=args.steps, objective="last")
+    sasrec = sasrec_training_rate(folder, batch_size=512, steps=args.steps)
     return {
         "reader_sequences_per_second": reader["sequences_per_second"],
         "reader_workers": args.workers,
@@ -94,20 +97,23 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     )
 
 
+def cmd_validation(args: argparse.Namespace) -> dict:
+    from missrec.bench.validation import run_validation_benchmark
+
+    return run_validation_benchmark(args.data_root, args.domain, args.model, args.repeats, args.threads,
+                                    tuple(args.set))
+
+
 def cmd_report(args: argparse.Namespace) -> dict:
     from missrec.bench.report import ReportConfig, render_saved, run_report
-    from missrec.errors import ConfigError
 
-    try:
-        cfg = ReportConfig(
-            output=args.output, data_root=args.data_root, quick=args.quick,
-            skip=tuple(s for s in args.skip.split(",") if s), threads=args.threads,
-            mid_timeout_s=args.mid_timeout, mid_kmeans_timeout_s=args.kmeans_timeout, mid_exact_max=args.exact_max,
-            progress=not args.quiet,
-        )
-        return render_saved(cfg) if args.render_only else run_report(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"bench.py report: error: {e}") from None
+    cfg = ReportConfig(
+        output=args.output, data_root=args.data_root, quick=args.quick,
+        skip=tuple(s for s in args.skip.split(",") if s), threads=args.threads,
+        mid_timeout_s=args.mid_timeout, mid_kmeans_timeout_s=args.kmeans_timeout, mid_exact_max=args.exact_max,
+        progress=not args.quiet,
+    )
+    return render_saved(cfg) if args.render_only else run_report(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--data-root", default=None, help="data folder, if not where the run recorded it")
     sv.set_defaults(fn=cmd_serve)
     repo = Path(__file__).resolve().parents[1]
+    va = sub.add_parser("validation", help="validation with the scoring-policy grid against a plain validation")
+    va.add_argument("--data-root", default=str(repo.parent / "shared/datasets/scientific_mm"))
+    va.add_argument("--domain", default="Scientific")
+    va.add_argument("--model", choices=["missrec", "sasrec"], default="missrec")
+    va.add_argument("--repeats", type=int, default=3)
+    va.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    va.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    va.set_defaults(fn=cmd_validation)
     rp = sub.add_parser("report", help="run every benchmark; Markdown report with PNG plots and machine details")
     rp.add_argument("--output", default=str(repo / "docs" / "benchmarks.md"),
                     help="Markdown file; PNGs and results.json go to the same path without .md")
@@ -188,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--render-only", action="store_true", help="re-render from the saved results.json")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.set_defaults(fn=cmd_report)
+    for sp in sub.choices.values():
+        add_debug_flag(sp)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(json.dumps(args.fn(args)))
@@ -195,4 +211,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -16,9 +16,10 @@ import json
 import logging
 import sys
 
+from missrec.cli import add_debug_flag, launch
 from missrec.serve.agreement import topk_agreement
 from missrec.serve.index import IndexConfig
-from missrec.serve.recommend import Recommender, ServeConfig, UnknownItemError
+from missrec.serve.recommend import Recommender, ServeConfig
 
 
 def _table(rows: list, width: int = 60) -> str:
@@ -31,6 +32,7 @@ def _table(rows: list, width: int = 60) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--run", required=True, help="fine-tuning run folder (config.json, best.pt)")
     p.add_argument("--history", action="append", required=True, help="comma-separated items, oldest first")
     p.add_argument("--k", type=int, default=10)
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-history-neighbours", action="store_true",
                    help="a run with a history affinity: pool the user's index candidates only, not also each "
                         "history item's nearest neighbours")
-    p.add_argument("--keep-history", action="store_true", help="allow items of the history in the results")
+    p.add_argument("--exclude-history", action="store_true",
+                   help="leave the history's items out of the results (default: ranked by the run's policy)")
     p.add_argument("--data-root", default=None, help="data folder, if not where the run recorded it")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (the model; FAISS uses a GPU it sees)")
     p.add_argument("--agreement", type=int, default=0, metavar="N", help="measure top-k agreement on N test histories")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
 
     index_cfg = IndexConfig(kind=args.approx_kind if args.approx else "flat")
-    cfg = ServeConfig(index=index_cfg, exclude_history=not args.keep_history, device=args.device,
+    cfg = ServeConfig(index=index_cfg, exclude_history=args.exclude_history, device=args.device,
                       history_neighbours=not args.no_history_neighbours,
                       progress=not args.quiet, **({"candidate_factor": args.factor} if args.factor else {}))
     rec = Recommender.from_run(args.run, cfg, data_root=args.data_root)
@@ -61,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.indices and not all(t.lstrip("-").isdigit() for t in items):
             p.error(f"--indices: history {h!r} holds items that are not integers")
         histories.append([int(t) for t in items] if args.indices else items)
-    try:
-        results = rec.recommend(histories, k=args.k)
-    except UnknownItemError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+    results = rec.recommend(histories, k=args.k)
     out = {"run": args.run, "k": args.k, "index": rec.info, "users": []}
     for hist, rows in zip(histories, results, strict=True):
         print(f"\nhistory: {', '.join(map(str, hist))}")
@@ -83,4 +82,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -23,9 +23,6 @@ from missrec.interests.config import InterestConfig
 
 T = TypeVar("T")
 
-HISTORY_BIAS_FITS = ("loss", "detached", "validation")  # how missrec.history_bias is fit (missrec.models.history)
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Where a domain's data lives. ``data_root`` holds atomic files or a shard folder per domain."""
@@ -37,9 +34,6 @@ class DataConfig:
     max_len: int = 50
     num_workers: int = 0  # shard-reader worker processes
     skip_bad_shards: bool = False
-    # batch rows of similar length together in training (less padding); false shuffles freely, as RecBole
-    # (same inductive, worse transductive on scientific_mm over seeds: docs/results.md, session 10)
-    group_by_length: bool = True
 
 
 @dataclass(frozen=True)
@@ -59,33 +53,18 @@ class TrainConfig:
     # ones stay memory-mapped on the host and every step streams them through the adapters
     feature_cache_mib: int = 4096
     grad_clip: float = 0.0  # 0 = off
-    # augmentation: each training history item is dropped with this probability, anew every epoch (the
-    # same items from every modality; at least one kept; valid/test untouched). 0 = off, as the official code
-    item_drop: float = 0.0
-    # learning-rate decay on a validation plateau: x lr_decay after lr_decay_patience evaluations without
-    # a better NDCG@10 (1.0 = off, the official code's constant rate); never below lr_min
-    lr_decay: float = 1.0
-    lr_decay_patience: int = 2
-    lr_min: float = 1e-5
-    # validate, keep and test an exponential moving average of the weights (decay per step; 0 = off, the
-    # official code's last-step weights)
-    ema: float = 0.0
-    nonfinite: str = "error"  # a NaN/inf loss: "error" stops naming the batch, "skip" skips and counts
+    # a NaN/inf loss: "error" stops at the next logging sync naming the step (which was applied), "skip" checks
+    # every step (a host sync each) and skips such steps, counted
+    nonfinite: str = "error"
     max_steps_per_epoch: int = 0  # 0 = whole epoch (a cap for smoke runs)
     eval_every: int = 1
-    # diagnostic: also score the test split after every validation (history.json "test_*", TensorBoard
-    # trace_test/*); never used to select or stop. Off: the test split is scored once, at the end.
-    trace_test: bool = False
     progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.item_drop < 1.0:
-            raise ConfigError(f"train.item_drop must be in [0, 1), got {self.item_drop}")
 
 
 @dataclass(frozen=True)
 class SASRecConfig:
-    """SASRec (Kang & McAuley 2018) with the UniSRec-baseline settings of the paper's table."""
+    """SASRec (Kang & McAuley 2018) with the UniSRec-baseline settings of the paper's table (a loss at the last
+    position of every prefix row, as RecBole trains it)."""
 
     hidden: int = 300
     layers: int = 2
@@ -93,23 +72,16 @@ class SASRecConfig:
     inner: int = 256
     dropout: float = 0.5
     attn_dropout: float = 0.5
-    objective: str = "last"  # last: per prefix row (RecBole, the paper's row) | causal: every position of a user's longest row
-    history_bias: bool = False  # one offset for the items already in the history (as missrec.history_bias)
-    history_bias_fit: str = "validation"  # how it is fit, as missrec.history_bias_fit: validation | loss | detached
-    history_affinity: bool = True  # as missrec.history_affinity (cosine of item embeddings), with the validated offset
-
-    def __post_init__(self) -> None:
-        if self.history_bias and self.objective != "last":
-            raise ConfigError("sasrec.history_bias needs sasrec.objective=last (one history per row), got "
-                              f"{self.objective!r}")
-        if self.history_bias_fit not in HISTORY_BIAS_FITS:
-            raise ConfigError(f"sasrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
-                              f"got {self.history_bias_fit!r}")
+    # the history terms chosen at each validation (eval/policy.py), as missrec.history_bias / history_affinity
+    # (cosines of item embeddings); false: plain SASRec, the paper's baseline
+    history_bias: bool = False
+    history_affinity: bool = True
 
 
 @dataclass(frozen=True)
 class MISSRecConfig:
-    """The interest-aware encoder-decoder; defaults follow the official code's fine-tuning settings."""
+    """The interest-aware encoder-decoder; defaults follow the official code's fine-tuning settings, plus the history
+    terms chosen on validation (``configs/paper.yaml`` drops them: the paper's model)."""
 
     hidden: int = 300
     encoder_layers: int = 1
@@ -119,58 +91,33 @@ class MISSRecConfig:
     dropout: float = 0.5
     attn_dropout: float = 0.5
     adapter: str = "linear"  # linear | moe
-    # dropout on the frozen features before each adapter (0 in the official MISSRec code; UniSRec uses 0.2)
-    adapter_dropout: float = 0.0
     moe_experts: int = 8
     mode: str = "transductive"  # transductive (with item IDs) | inductive (no IDs)
     temperature: float = 0.07
     # interest discovery: method (dpc_knn | kmeans), cluster_ratio (clusters = ratio x item tokens), knn, assign
     # (parent | nearest_centre, the official code's), the approximate kNN (approx_threshold, nprobe, nlist, ...),
-    # use_gpu, scratch_dir: every field of missrec.interests.InterestConfig (its seed is the run's)
+    # use_gpu, scratch_dir, sample_tokens: every field of missrec.interests.InterestConfig (its seed is the run's)
     interests: InterestConfig = field(default_factory=InterestConfig)
     interest_weight: float = 1e-4  # weight of the interest regulariser
     # false: the ablation without interests (no MID, no interest encoder, the decoder without cross-attention;
     # fine-tuning only)
     use_interests: bool = True
     fusion: str = "dynamic"  # dynamic | mean
-    final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has)
-    # interest regulariser: mean (of the real interests' outputs, over the batch) | sum (the real outputs
-    # summed per row, rows summed: the official scale, batch size x interests per row squared times "mean") | official (the official
-    # code's: every slot's output summed, padded ones and its padding-id slot included, times the real
-    # fraction, summed over the batch)
+    final_norm: bool = False  # LayerNorm after the encoder and decoder stacks (as nn.Transformer has: configs/official.yaml)
+    # interest regulariser: mean (of the real interests' outputs, over the batch) | official (the official code's:
+    # every slot's output summed, padded ones and its padding-id slot included, times the real fraction, summed over
+    # the batch: configs/official.yaml)
     interest_reg: str = "mean"
-    adapter_init: str = "torch"  # torch (torch's default, non-zero bias, as the official code) | normal (N(0, 0.02), zero bias)
-    # in training, score the padding row (a zero feature row through the linear adapters: their biases) as one
-    # more negative, as the official code does; it raised R@50 on all 6 scientific_mm seeds (docs/results.md)
-    pad_negative: bool = True
-    # one offset for the items already in the user's history (they are rarely the next item: 0.85 % of the
-    # scientific_mm targets), added to their scores in ranking (pre-training has none); false: the paper's model
-    # (missrec.models.history, docs/results.md)
+    # the history terms of the ranking (eval/policy.py), chosen at each validation on the selection metric: an
+    # offset for the items already in the user's history, and w x each item's largest cosine to one of them (the
+    # history affinity); false / false: the paper's model's ranking
     history_bias: bool = True
-    # how the offset is fit: validation (the model trains as the paper's; at each validation the offset is the value
-    # of models.history.OFFSET_GRID with the best validation NDCG@10, the selection metric) | loss (learned in the
-    # loss; the model trains through it; the default in session 18) | detached (learned beside the model: the model
-    # trains on its plain scores, the offset on a second cross-entropy of those scores, detached)
-    history_bias_fit: str = "validation"
-    # add w × each item's largest cosine (adapted tokens, mean over modalities) to an item of the history, w chosen
-    # with the offset at each validation from models.history.AFFINITY_GRID (docs/results.md, session 20); in effect
-    # only with the offset chosen on validation (history_bias=true, history_bias_fit=validation): history_bias=false
-    # is still the paper's model, history_bias_fit=loss still session 18's
     history_affinity: bool = True
     pretrained_trainable: str = "adapters"  # with --pretrained: adapters (frozen backbone) | all
 
     def __post_init__(self) -> None:
-        if self.history_bias_fit not in HISTORY_BIAS_FITS:
-            raise ConfigError(f"missrec.history_bias_fit must be one of {', '.join(HISTORY_BIAS_FITS)}, "
-                              f"got {self.history_bias_fit!r}")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ConfigError(f"missrec.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
-        if self.pad_negative and (self.adapter != "linear" or self.adapter_init != "torch"):
-            raise ConfigError(
-                "missrec.pad_negative scores the linear adapters' non-zero biases: it needs missrec.adapter=linear "
-                f"and missrec.adapter_init=torch (got {self.adapter} and {self.adapter_init}); "
-                "add --set missrec.pad_negative=false"
-            )
+        if self.interest_reg not in ("mean", "official"):
+            raise ConfigError(f"missrec.interest_reg must be 'mean' or 'official', got {self.interest_reg!r}")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class ArrayTables:
 def batch_from_model(model, rows: Sequence[tuple[int, Sequence[int], int]], drop_prob: float = 0.0,
                      seed: int = 0) -> PretrainBatch:
     """The pre-training batch of ``(user, history, target)`` rows over a model's own tables and interest index."""
-    store = ArrayStore([getattr(model, f"feat{m}")[1:].numpy() for m in range(model.num_modalities)])
+    store = ArrayStore([t[1:].numpy() for t in model.items.rows(slice(None))])
     tables = ArrayTables(model.item_interest[1:].numpy(), model.centroids.numpy())
     records = [(0, (i, u, list(h), t, True)) for i, (u, h, t) in enumerate(rows)]
     return assemble([records], domain=0, item_offset=0, user_offset=0, max_len=model.pos_emb.num_embeddings,

@@ -34,7 +34,7 @@ class _Poisoned(SASRec):
     """SASRec whose loss is NaN (step 1) or inf (step 3) on the chosen training batches."""
 
     def __init__(self, bad: set[int]) -> None:
-        super().__init__(ITEMS, LEN, 16, 1, 2, 32, dropout=0.0, attn_dropout=0.0)
+        super().__init__(ITEMS, max_len=LEN, hidden=16, layers=1, heads=2, inner=32, dropout=0.0, attn_dropout=0.0)
         self.bad, self.calls = bad, 0
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

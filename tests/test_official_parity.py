@@ -1,12 +1,15 @@
-"""With the official-code switches on, MISSRec's fine-tuning loss equals the official code's formulas.
+"""With the official code's behaviours (``configs/official.yaml``), MISSRec's fine-tuning loss equals the official
+code's formulas.
 
 The reference below follows gimpong/MM23-MISSRec's ``_compute_seq_embeddings`` / ``calculate_loss`` step by
 step (histories padded to ``max_len``; interest lists from ``unique()`` over the padded history, so the
 padding id 0 is one of them; zero vectors for it; the regulariser summed over every slot; the padding row
 scored as one more negative). On the real data and an official checkpoint the same holds to 7 digits
-(docs/results.md)."""
+(docs/experiments.md)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,19 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from missrec.data.batching import collate
-from missrec.interests import InterestConfig
 from missrec.models.missrec import MISSRec
 
 ITEMS, MAX_LEN, HIDDEN = 12, 6, 16
-OFFICIAL = {"final_norm": True, "interest_reg": "official", "pad_negative": True, "adapter_init": "torch"}
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "official.yaml"
 
 
 def _model(use_ids: bool) -> MISSRec:
+    from missrec.config import RunConfig, build
+    from missrec.models.build import missrec_from_config
+
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(ITEMS, 8)).astype(np.float32), rng.normal(size=(ITEMS, 6)).astype(np.float32)]
     torch.manual_seed(0)
-    m = MISSRec(ITEMS, feats, hidden=HIDDEN, max_len=MAX_LEN, heads=2, inner=32, use_ids=use_ids,
-                interest_cfg=InterestConfig(cluster_ratio=0.5, knn=3), **OFFICIAL)
+    cfg = build(RunConfig, [PRESET], [f"missrec.hidden={HIDDEN}", "missrec.heads=2", "missrec.inner=32",
+                                      f"missrec.mode={'transductive' if use_ids else 'inductive'}",
+                                      "missrec.interests.cluster_ratio=0.5", "missrec.interests.knn=3"])
+    m = missrec_from_config(cfg.missrec, ITEMS, feats, MAX_LEN, seed=0)
     m.refresh_interests()
     with torch.no_grad():  # a trained-looking fusion scalar, so the dynamic weights are not uniform
         m.fusion_factor.fill_(0.7)
@@ -36,7 +43,7 @@ def _model(use_ids: bool) -> MISSRec:
 
 def _official_loss(m: MISSRec, seq: torch.Tensor, seq_len: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The official fine-tuning loss, written after its code. ``seq`` [B, MAX_LEN] item index + 1."""
-    text, image = (ad(getattr(m, f"feat{i}")) for i, ad in enumerate(m.adapters))  # [N + 1, D] each
+    text, image = (ad(f) for f, ad in zip(m.items.rows(slice(None)), m.adapters))  # [N + 1, D] each
     lut = torch.cat([torch.zeros(1, 2, dtype=torch.long), m.item_interest[1:] + 1])  # official ids: 0 = padding
     emb = torch.cat([torch.zeros(1, HIDDEN), m.centroids])  # its interest_embeddings buffer
     lists = [torch.cat([lut[row, 0], lut[row, 1]]).unique() for row in seq]

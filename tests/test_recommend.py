@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from missrec.config import RunConfig, build
 from missrec.data.atomic import Split, load_domain, write_features, write_index_map, write_inter, write_text
 from missrec.data.batching import collate
+from missrec.eval.policy import ScoringPolicy
 from missrec.serve.index import IndexConfig, ItemIndex
 from missrec.serve.recommend import Recommender, ServeConfig, UnknownItemError
 from missrec.serve.scorers import TransductiveItemsError
@@ -86,13 +88,14 @@ def _test_histories(rec: Recommender) -> list[list[int]]:
 
 
 def _model_scores(rec: Recommender, histories: list[list[int]]) -> torch.Tensor:
-    """The model's own full ranking scores [B, N], through its public API."""
+    """The model's full ranking scores [B, N] with the recommender's policy terms, through the model's public API
+    and the evaluation's :class:`ScoringPolicy` (history items kept)."""
     model = rec.model
     batch = collate([(0, h, 0) for h in histories], rec.max_len)
     with torch.no_grad():
         if hasattr(model, "begin_eval"):
             model.begin_eval()
-        scores = model.full_scores(batch)
+        scores = rec.policy.scores(model, batch)
         if hasattr(model, "end_eval"):
             model.end_eval()
     return scores
@@ -153,8 +156,8 @@ def test_sasrec_index_top_k_equals_full_ranking(sasrec_run):
     # the embedding inner product is the model's score: the index alone (pool = k) is exact
     ids, scores = rec.topk(hist, 10, exclude_history=False, candidate_factor=1)
     _assert_topk_matches(ids, scores, ref, 10)
-    # history items are left out by default
-    ids, scores = rec.topk(hist, 10, candidate_factor=1)
+    # history items are left out on request
+    ids, scores = rec.topk(hist, 10, exclude_history=True, candidate_factor=1)
     masked = ref.clone()
     for r, h in enumerate(hist):
         masked[r, h] = float("-inf")
@@ -167,7 +170,7 @@ def test_missrec_index_rerank_equals_full_ranking(transductive_run):
     from missrec.serve.agreement import topk_agreement
 
     rec = Recommender.from_run(transductive_run, QUIET)
-    rec.model.set_history_affinity(0.0)  # the index path (with an affinity the run is ranked fully, tested below)
+    rec.policy = ScoringPolicy()  # the index path (with an affinity the run is ranked fully, tested below)
     assert rec.index.ntotal == rec.num_items and not rec.info["proxy_exact"]
     hist = _test_histories(rec)
     ref = _model_scores(rec, hist)
@@ -234,7 +237,7 @@ def test_recommend_raw_ids_truncation_and_unknown_ids(inductive_run):
     b = rec.recommend([[raw[i] for i in long[-20:]]], k=5, exclude_history=False)[0]
     assert [r.item_index for r in a] == [r.item_index for r in b]
     assert all(r.raw_id == raw[r.item_index] and r.text == rec.texts[r.item_index] for r in a)
-    excl = rec.recommend([long], k=5)[0]
+    excl = rec.recommend([long], k=5, exclude_history=True)[0]
     assert not {r.item_index for r in excl} & set(long)  # the whole history is excluded, not just the tail
     with pytest.raises(UnknownItemError, match="'NOPE-1'"):
         rec.recommend([[raw[0], "NOPE-1"]])
@@ -261,7 +264,13 @@ def test_launcher_prints_items_and_json(sasrec_run):
     assert [it["raw_id"] for it in items] == [r.raw_id for r in rec.recommend([history], k=5)[0]]
     table = "\n".join(lines[:-1])
     assert "raw id" in table and all(it["raw_id"] in table for it in items)
-    assert not {it["raw_id"] for it in items} & set(history)
+    excluded = subprocess.run(
+        [sys.executable, "launcher/recommend.py", "--run", str(sasrec_run), "--history", ",".join(history),
+         "--k", "5", "--quiet", "--exclude-history"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        check=False)
+    assert excluded.returncode == 0, excluded.stderr[-2000:]
+    kept = json.loads(excluded.stdout.strip().splitlines()[-1])["users"][0]["items"]
+    assert len(kept) == 5 and not {it["raw_id"] for it in kept} & set(history)  # off unless asked
     bad = subprocess.run(
         [sys.executable, "launcher/recommend.py", "--run", str(sasrec_run), "--history", "NOPE-1", "--quiet"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
@@ -290,7 +299,7 @@ def _full_catalogue_model(rec: Recommender, run: Path, synthetic_root: Path, kee
         tokens = model.item_tokens()[:, 1:]  # [M, N, D]
         for i in HELD_OUT:
             for m in range(2):
-                if model.present[i + 1, m]:
+                if model.items.present[i + 1, m]:
                     interest[i, m] = int(((centroids - tokens[m, i]) ** 2).sum(1).argmin())
     model.set_interest_index(interest, centroids)
     return model, dom
@@ -324,7 +333,7 @@ def test_held_out_items_added_by_features_are_recommended_at_once(inductive_run,
     histories = [[rec.raw_ids[i] for i in h] for h in _test_histories(rec)[:50]]
     histories.append([new_raw[0], rec.raw_ids[0], new_raw[2]])  # new items inside a history, too
     hist_idx = rec.resolve(histories)
-    ref = _model_scores_of(full, [[int(to_full[i]) for i in h] for h in hist_idx], rec.max_len)[:, to_full]
+    ref = _model_scores_of(full, [[int(to_full[i]) for i in h] for h in hist_idx], rec.max_len, rec.policy)[:, to_full]
     ids, scores = rec.topk(hist_idx, rec.num_items, exclude_history=False, full_ranking=True)
     np.testing.assert_allclose(scores, np.take_along_axis(ref.numpy(), ids, 1), rtol=1e-5, atol=1e-4)
     got = rec.recommend(histories, k=10)
@@ -333,11 +342,11 @@ def test_held_out_items_added_by_features_are_recommended_at_once(inductive_run,
             assert item.score == pytest.approx(float(ref[r, item.item_index]), rel=1e-5, abs=1e-4)
 
 
-def _model_scores_of(model, histories: list[list[int]], max_len: int) -> torch.Tensor:
+def _model_scores_of(model, histories: list[list[int]], max_len: int, policy: ScoringPolicy) -> torch.Tensor:
     batch = collate([(0, h, 0) for h in histories], max_len)
     with torch.no_grad():
         model.begin_eval()
-        out = model.full_scores(batch)
+        out = policy.scores(model, batch)
         model.end_eval()
     return out
 
@@ -350,7 +359,7 @@ def test_add_items_checks_input_and_leaves_the_callers_model_alone(inductive_run
     loaded = load_run(run)
     rec = Recommender(loaded.model, loaded.raw_ids, loaded.texts, loaded.cfg.data.max_len, QUIET,
                       feature_names=loaded.cfg.data.features)
-    dims = [int(loaded.model.feat0.shape[1]), int(loaded.model.feat1.shape[1])]
+    dims = loaded.model.items.dims
     ok = {s: np.ones((1, d), np.float32) for s, d in zip(FEATS, dims, strict=True)}
     with pytest.raises(ValueError, match="already present"):
         rec.add_items(ok, [rec.raw_ids[0]])
@@ -369,7 +378,7 @@ def test_add_items_checks_input_and_leaves_the_callers_model_alone(inductive_run
 @pytest.mark.slow
 def test_add_items_refused_for_id_models(transductive_run, sasrec_run):
     rec = Recommender.from_run(transductive_run, QUIET)
-    feats = {s: np.ones((1, int(getattr(rec.model, f"feat{m}").shape[1])), np.float32) for m, s in enumerate(FEATS)}
+    feats = {s: np.ones((1, d), np.float32) for s, d in zip(FEATS, rec.model.items.dims, strict=True)}
     with pytest.raises(TransductiveItemsError, match="transductive"):
         rec.add_items(feats, ["X-1"])
     assert rec.num_items == rec.index.ntotal == 160
@@ -378,15 +387,16 @@ def test_add_items_refused_for_id_models(transductive_run, sasrec_run):
 
 
 @pytest.mark.slow
-def test_learned_history_offset_is_served_when_history_items_are_kept(transductive_run):
+def test_history_offset_is_served_when_history_items_are_kept(transductive_run):
+    from missrec.serve.loading import load_run
+
     rec = Recommender.from_run(transductive_run, QUIET)
-    model = rec.model
-    assert model.history_bias is not None  # the default, missrec.history_bias=true
-    with torch.no_grad():
-        model.history_bias.fill_(-0.05)
-    assert rec.scorer.history_offset == pytest.approx(-0.05 / model.temperature)
+    assert rec.policy == load_run(transductive_run).policy  # the policy the run chose on validation
+    rec.policy = ScoringPolicy(history_offset=-0.5)
     hist = _test_histories(rec)[:64]
-    ref = _model_scores(rec, hist)  # the model's own scores, offset included
+    ref = _model_scores(rec, hist)  # the model's scores, offset included
+    assert not torch.allclose(ref, replace(rec.policy, history_offset=0.0).scores(rec.model, collate(
+        [(0, h, 0) for h in hist], rec.max_len)).detach())
     whole = -(-rec.num_items // 10)
     for kw in ({"full_ranking": True}, {"candidate_factor": whole}):
         ids, scores = rec.topk(hist, 10, exclude_history=False, **kw)
@@ -398,20 +408,16 @@ def test_learned_history_offset_is_served_when_history_items_are_kept(transducti
 
 @pytest.mark.slow
 def test_history_affinity_is_served_from_two_indexes_and_exactly_in_full(transductive_run):
-    from dataclasses import replace
-
     from missrec.serve.agreement import topk_agreement
 
     rec = Recommender.from_run(transductive_run, QUIET)
     model = rec.model
-    assert model.affinity_weight is not None  # the default, missrec.history_affinity=true
     hist = _test_histories(rec)[:64]
-    model.set_history_affinity(0.0)
+    rec.policy = ScoringPolicy()
     rec.topk(hist, 10)
     assert not rec.neighbours.built  # no affinity, no second index
     plain = _model_scores(rec, hist)
-    model.set_history_affinity(3.0)  # whatever the run chose on validation
-    assert rec.scorer.affinity_weight == 3.0
+    rec.policy = ScoringPolicy(affinity_weight=3.0)  # whatever the run chose on validation
     ref = _model_scores(rec, hist)  # the model's own scores, affinity included
     assert not torch.allclose(ref, plain)
     whole = -(-rec.num_items // 10)  # a pool covering the catalogue
@@ -436,7 +442,8 @@ def test_history_affinity_is_served_from_two_indexes_and_exactly_in_full(transdu
     agree = topk_agreement(rec, hist, 10, factors=factors, exclude_history=False)
     overlap = [agree["factors"][f]["overlap"] for f in factors]
     assert overlap == sorted(overlap) and agree["factors"][whole]["equal"] == 1.0, agree
-    alone = Recommender(model, rec.raw_ids, rec.texts, rec.max_len, replace(QUIET, history_neighbours=False))
+    alone = Recommender(model, rec.raw_ids, rec.texts, rec.max_len, replace(QUIET, history_neighbours=False),
+                        policy=rec.policy)
     alone_agree = topk_agreement(alone, hist, 10, factors=(1,), exclude_history=False)
     assert alone_agree["factors"][1]["overlap"] < overlap[0], (alone_agree, agree)
 

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from missrec.data.atomic import load_domain
+from missrec.data.atomic import load_domain, load_item_table
 from missrec.data.synthetic import (
     SyntheticConfig,
     _make_items,
     _rng,
     generate_catalogue,
-    load_item_table,
 )
 from missrec.errors import ConfigError, DataFormatError
 from missrec.features.proxy import hash_text_features, pixel_image_features, write_proxy_features

@@ -74,14 +74,12 @@ def test_finetune_from_backbone_saves_small_adapter(synthetic_root, tmp_path):
                                 f"pretrained={backbone}"])
     dom = load_domain(synthetic_root / "Office", "Office", ["feat1CLS", "feat3CLS"])
     model = build_missrec(cfg, dom.num_items, dom.features)
-    load_adapter(model, tmp_path / "tuned" / "adapter.pt", backbone)
-    tuned_state = torch.load(tmp_path / "tuned" / "best.pt", weights_only=True)["model"]
+    _, policy = load_adapter(model, tmp_path / "tuned" / "adapter.pt", backbone)
+    best = torch.load(tmp_path / "tuned" / "best.pt", weights_only=True)
     for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), tuned_state[name]), name
-    # with the buffers fit on the domain: the history offset and affinity weight chosen on validation (the default)
-    assert model.fitted_buffers() == ["history_bias", "affinity_weight"]
-    assert torch.equal(model.history_bias, tuned_state["history_bias"]) and model.history_bias.item() < 0
-    assert torch.equal(model.affinity_weight, tuned_state["affinity_weight"])
+        assert torch.equal(p.detach(), best["model"][name]), name
+    # with the scoring policy chosen on the domain (the history offset and affinity weight, the default)
+    assert policy.to_dict() == best["policy"] == tuned["policy"] and policy.history_offset < 0
     # another backbone is refused
     other = tmp_path / "other.pt"
     other.write_bytes(backbone.read_bytes() + b"x")
@@ -90,19 +88,24 @@ def test_finetune_from_backbone_saves_small_adapter(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_offset_fit_on_validation_is_chosen_each_validation_and_saved_with_the_best_state(synthetic_root, tmp_path):
-    from missrec.models.history import AFFINITY_GRID, OFFSET_GRID
+def test_policy_is_chosen_each_validation_and_saved_with_the_best_state(synthetic_root, tmp_path):
+    from missrec.eval.policy import AFFINITY_GRID, OFFSET_GRID
+    from missrec.serve.loading import load_run
+    from missrec.transfer.rescore import rescore_run
 
-    # with the history affinity on, its weight is chosen with the offset
+    # the defaults: the offset and the affinity weight chosen together at each validation
     m = _run(synthetic_root, tmp_path, "validated", "model=missrec", "missrec.mode=inductive",
-             "data.features=[feat1CLS,feat3CLS]", "missrec.history_bias_fit=validation",
-             "missrec.history_affinity=true", "train.epochs=3")
+             "data.features=[feat1CLS,feat3CLS]", "train.epochs=3")
     hist = json.loads((tmp_path / "validated" / "history.json").read_text())
     assert len(hist) == 3 and all(h["history_offset"] in OFFSET_GRID for h in hist)
-    assert all(h["history_affinity"] in AFFINITY_GRID for h in hist)
+    assert all(h["affinity_weight"] in AFFINITY_GRID for h in hist)
     best = next(h for h in hist if h["epoch"] == m["best_epoch"])
     assert m["valid"]["ndcg@10"] == best["ndcg@10"]
-    saved = torch.load(tmp_path / "validated" / "best.pt", weights_only=False)["model"]
-    tau = RunConfig().missrec.temperature
-    assert saved["history_bias"].item() == pytest.approx(best["history_offset"] * tau)
-    assert saved["affinity_weight"].item() == best["history_affinity"]
+    saved = torch.load(tmp_path / "validated" / "best.pt", weights_only=False)
+    assert saved["policy"] == m["policy"] == {"history_offset": best["history_offset"],
+                                              "affinity_weight": best["affinity_weight"]}
+    assert "history_bias" not in saved["model"]  # the model is the paper's; the terms are the policy's
+    # evaluating the saved run ranks with its policy: the test figures the run reported
+    run = load_run(tmp_path / "validated")
+    assert run.policy.to_dict() == m["policy"]
+    assert rescore_run(tmp_path / "validated", device="cpu") == pytest.approx(m["test"])

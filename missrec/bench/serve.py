@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from missrec.errors import InputError
 from missrec.serve.agreement import topk_agreement
 from missrec.serve.index import IndexConfig
 from missrec.serve.recommend import Recommender, ServeConfig
@@ -33,7 +34,7 @@ def grow_catalogue(rec: Recommender, extra: int, noise: float = 0.3, seed: int =
     rng = np.random.default_rng(seed)
     model = rec.model
     names = rec.feature_names or tuple(f"feat{m}" for m in range(model.num_modalities))
-    real = [getattr(model, f"feat{m}")[1:].float().cpu().numpy() for m in range(len(names))]  # [N, d_m]
+    real = [t.float().cpu().numpy() for t in model.items.rows(slice(1, None))]  # [N, d_m] each
     std = [r[np.abs(r).sum(1) > 0].std(0, keepdims=True) for r in real]
     t0 = time.perf_counter()
     for lo in range(0, extra, chunk):
@@ -69,9 +70,9 @@ def run_serve_benchmark(
             t0 = time.perf_counter()
             rec = Recommender.from_run(run_dir, cfg, data_root=data_root)
             if affinity_weight is not None:
-                rec.model.set_history_affinity(affinity_weight)
-            if rec.scorer.affinity_weight == 0:
-                raise ValueError(f"{run_dir} scores no history affinity (its weight is 0): nothing to benchmark")
+                rec.policy = replace(rec.policy, affinity_weight=float(affinity_weight))
+            if rec.policy.affinity_weight == 0:
+                raise InputError(f"{run_dir} scores no history affinity (its weight is 0): nothing to benchmark")
             grow = grow_catalogue(rec, extra, noise) if extra else 0.0
             hist = rec.split_histories("test", users)
             t1 = time.perf_counter()
@@ -80,7 +81,7 @@ def run_serve_benchmark(
             pooled = topk_agreement(rec, hist, k, factors=factors)
             rec.cfg = replace(cfg, history_neighbours=False)
             alone = topk_agreement(rec, hist, k, factors=factors)
-            row = {"items": rec.num_items, "index": kind, "affinity_weight": rec.scorer.affinity_weight,
+            row = {"items": rec.num_items, "index": kind, "affinity_weight": rec.policy.affinity_weight,
                    "total_seconds": round(time.perf_counter() - t0, 2), "grow_seconds": round(grow, 2),
                    "item_index_seconds": round(rec.index_seconds, 2), "affinity_index_seconds": round(aff_build, 2),
                    "full_ms_per_user": pooled["exact_ms_per_user"],

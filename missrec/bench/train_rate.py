@@ -13,18 +13,17 @@ from missrec.models.build import build_sasrec
 
 
 def sasrec_training_rate(
-    folder: str | Path, batch_size: int = 512, steps: int = 0, objective: str = "last", max_len: int = 50,
-    seed: int = 0,
+    folder: str | Path, batch_size: int = 512, steps: int = 0, max_len: int = 50, seed: int = 0,
 ) -> dict:
     """Train SASRec (paper settings) on the shards in ``folder`` for one whole epoch (or ``steps`` steps
     after two warm-up steps; batches vary in length, so a few steps are not representative) and return
     sequences per second. The reader runs in-process, so its time is included."""
     torch.manual_seed(seed)
     src = ShardSource(folder)
-    model = build_sasrec(SASRecConfig(objective=objective), src.num_items, max_len)
+    model = build_sasrec(SASRecConfig(), src.num_items, max_len)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     batches = src.batches(
-        "train", batch_size, seed=seed, max_len=max_len, last_per_user=objective == "causal", group_by_length=True
+        "train", batch_size, seed=seed, max_len=max_len, group_by_length=True
     )
     seqs = done = 0
     t0 = time.perf_counter() if not steps else None
@@ -41,6 +40,6 @@ def sasrec_training_rate(
             break
     dt = time.perf_counter() - t0 if t0 is not None else float("nan")
     return {
-        "objective": objective, "batch_size": batch_size, "steps": done - 2 if steps else done, "sequences": seqs,
+        "objective": "last", "batch_size": batch_size, "steps": done - 2 if steps else done, "sequences": seqs,
         "seconds": round(dt, 3), "sequences_per_second": round(seqs / dt, 1), "threads": torch.get_num_threads(),
     }

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from missrec.errors import ConfigError
+
 
 class LinearAdapter(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
@@ -52,4 +54,4 @@ def make_adapter(kind: str, in_dim: int, out_dim: int, dropout: float = 0.0, exp
         return LinearAdapter(in_dim, out_dim, dropout)
     if kind == "moe":
         return MoEAdapter(in_dim, out_dim, experts, dropout)
-    raise ValueError(f"unknown adapter {kind!r}: expected 'linear' or 'moe'")
+    raise ConfigError(f"unknown adapter {kind!r}: expected 'linear' or 'moe'")

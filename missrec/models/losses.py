@@ -3,10 +3,10 @@
 - :func:`in_batch_contrastive` — sequence-item (or sequence-sequence) InfoNCE over in-batch
   candidates, where other rows that share the row's positive (the same target item) are removed from
   the denominator: they are not negatives (the official code leaves them in).
-- :func:`drop_items` — item-drop augmentation of a batch (fine-tuning's ``train.item_drop``). Items are
-  dropped by position in the item sequence, so every modality of a dropped item disappears together (the
-  official code drew the text and image drops independently); pre-training's view is drawn the same way
-  when its batch is assembled (:func:`missrec.data.pretrain_batch.drop_view`).
+- the item-drop view for the sequence-sequence loss is drawn when a pre-training batch is assembled
+  (:func:`missrec.data.pretrain_batch.drop_view`): items are dropped by position in the item sequence, so every
+  modality of a dropped item disappears together (the official code drew the text and image drops
+  independently).
 - :func:`offset_contrastive` — the InfoNCE of this rank's rows against candidates gathered from every
   rank (:func:`local_offset` says where this rank's rows sit among them).
 - :func:`pretrain_objective` — MISSRec's pre-training loss, built from the above.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from missrec.data.batching import Batch
+from missrec.errors import ConfigError
 
 if TYPE_CHECKING:
     from missrec.data.pretrain_batch import PretrainBatch
@@ -33,21 +33,18 @@ def interest_regulariser(memory: torch.Tensor, imask: torch.Tensor, kind: str = 
     ``imask`` [B, K] marks real; D normalises it.
 
     - ``"mean"`` (the toolkit's default): each row's real outputs averaged, the squared norm averaged over rows;
-    - ``"sum"``: the official scale without padded slots: real outputs summed per row, rows summed;
-    - ``"official"``: the official code's, padded slots included: all K outputs times the row's real fraction.
+    - ``"official"``: the official code's, padded slots included: all K outputs times the row's real fraction,
+      rows summed (thousands of times the mean's scale on scientific_mm).
     """
     hidden = memory.shape[-1]
     w = imask.unsqueeze(-1).to(memory.dtype)  # [B, K, 1]
     if kind == "official":
         pooled = (memory * w.mean(1, keepdim=True)).sum(1)  # [B, D]
         return (pooled * pooled).sum() / hidden
-    if kind == "sum":
-        pooled = (memory * w).sum(1)  # [B, D]
-        return (pooled * pooled).sum() / hidden
     if kind == "mean":
         pooled = (memory * w).sum(1) / w.sum(1).clamp(min=1)  # [B, D]
         return (pooled * pooled).sum(-1).mean() / hidden
-    raise ValueError(f"interest_reg must be 'mean', 'sum' or 'official', got {kind!r}")
+    raise ConfigError(f"interest_reg must be 'mean' or 'official', got {kind!r}")
 
 
 def in_batch_contrastive(logits: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,24 +63,6 @@ def in_batch_contrastive(logits: torch.Tensor, keys: torch.Tensor | None = None)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, labels)
-
-
-def drop_items(batch: Batch, prob: float, generator: torch.Generator | None = None) -> Batch:
-    """A view of ``batch`` with each history item dropped with probability ``prob`` (at least one item
-    is kept per row; survivors keep their order and are left-aligned again). Shapes as ``batch``."""
-    seq = batch.seq  # [B, L]
-    real = seq > 0
-    u = torch.rand(seq.shape, generator=generator, device="cpu").to(seq.device)
-    keep = real & (u >= prob)
-    # keep the last real item when a row would become empty
-    empty = ~keep.any(dim=1)
-    if empty.any():
-        last = (batch.seq_len - 1).clamp(min=0)
-        keep[empty, last[empty]] = True
-    # left-align the survivors: stable sort by "dropped" flag
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # [B, L]
-    new_seq = torch.where(torch.gather(keep, 1, order), torch.gather(seq, 1, order), torch.zeros_like(seq))
-    return Batch(new_seq, keep.sum(dim=1), batch.target, batch.user, batch.domain)
 
 
 def local_offset(total: int, local: int) -> int:

@@ -25,7 +25,7 @@ def topk_agreement(
     histories: Sequence[Sequence[int]],
     k: int = 10,
     factors: Sequence[int] = (1, 2, 5, 10),
-    exclude_history: bool = True,
+    exclude_history: bool = False,
 ) -> dict[str, Any]:
     """Compare index+re-rank top-``k`` with the exact full ranking over ``histories`` (0-based indices).
 

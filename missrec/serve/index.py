@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from missrec.errors import ConfigError
+from missrec.interests.knn import faiss_num_gpus, gpu_device, import_faiss
+
 log = logging.getLogger(__name__)
 
 KINDS = ("flat", "ivf", "hnsw")
@@ -49,11 +52,11 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"index kind must be one of {KINDS}, got {self.kind!r}")
         if self.use_gpu not in ("auto", "yes", "no"):
-            raise ValueError(f"use_gpu must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
+            raise ConfigError(f"use_gpu must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
         if self.nlist < 0 or self.nprobe < 1 or self.hnsw_m < 2 or self.ef_search < 1 or self.ef_construction < 1:
-            raise ValueError("need nlist >= 0, nprobe >= 1, hnsw_m >= 2, ef_search >= 1, ef_construction >= 1")
+            raise ConfigError("need nlist >= 0, nprobe >= 1, hnsw_m >= 2, ef_search >= 1, ef_construction >= 1")
 
     @property
     def approximate(self) -> bool:
@@ -73,8 +76,6 @@ class ItemIndex:
     """
 
     def __init__(self, dim: int, cfg: IndexConfig = IndexConfig()) -> None:
-        from missrec.interests.knn import faiss_num_gpus, import_faiss
-
         if dim < 1:
             raise ValueError(f"index dimension must be >= 1, got {dim}")
         self.faiss = import_faiss()
@@ -83,7 +84,7 @@ class ItemIndex:
         self.dim = int(dim)
         ngpu = faiss_num_gpus(self.faiss)
         if cfg.use_gpu == "yes" and ngpu == 0:
-            raise RuntimeError("use_gpu='yes' but FAISS sees no GPU (is the faiss-gpu build installed?)")
+            raise ConfigError("use_gpu='yes' but FAISS sees no GPU (is the faiss-gpu build installed?)")
         want_gpu = ngpu > 0 and cfg.use_gpu != "no"
         if want_gpu and cfg.kind == "hnsw":
             log.info("HNSW has no GPU version in FAISS: the index stays on the CPU")
@@ -177,7 +178,6 @@ class ItemIndex:
     def _to_device(self, index: Any) -> Any:
         if not self.on_gpu:
             return index
-        from missrec.interests.knn import gpu_device
 
         if self._gpu_res is None:
             self._gpu_res = self.faiss.StandardGpuResources()

@@ -1,9 +1,9 @@
 """Load a fine-tuning run folder for serving: its config, its domain's item table, the model and weights.
 
 A run folder (written by :func:`missrec.transfer.finetune.run_finetune`) holds ``config.json`` (the
-merged :class:`~missrec.config.RunConfig`) and ``best.pt`` (``{"model": state_dict, "epoch", "valid"}``,
-the best-validation state, with MISSRec's interest index as the ``item_interest`` / ``centroids``
-buffers). The model is rebuilt from the config without touching ``pretrained``: ``best.pt`` holds every
+merged :class:`~missrec.config.RunConfig`) and ``best.pt`` (``{"model": state_dict, "epoch", "valid", "policy"}``,
+the best-validation state, with MISSRec's interest index as the ``item_interest`` / ``centroids`` buffers, and
+the scoring policy chosen with it). The model is rebuilt from the config without touching ``pretrained``: ``best.pt`` holds every
 tensor, frozen backbone included.
 """
 
@@ -20,7 +20,11 @@ import torch
 from torch import nn
 
 from missrec.config import RunConfig, from_dict
-from missrec.errors import ConfigError
+from missrec.data.atomic import read_index_map, read_text
+from missrec.errors import ConfigError, InputError, MissingInputError
+from missrec.eval.policy import ScoringPolicy
+from missrec.models.build import build_sasrec, missrec_from_config
+from missrec.transfer.finetune import DomainData
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +43,14 @@ class LoadedRun:
     raw_ids: list[str]
     texts: list[str]
     epoch: int | None
+    policy: ScoringPolicy
 
 
 def read_run_config(run_dir: str | Path, data_root: str | None = None) -> RunConfig:
     """``RUN/config.json`` as a :class:`RunConfig` (``data_root`` replaces the recorded data folder)."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a fine-tuning run folder?")
+        raise MissingInputError(f"{path}: not found; is {run_dir} a fine-tuning run folder?")
     try:
         cfg = from_dict(RunConfig, json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, ConfigError) as e:
@@ -63,8 +68,6 @@ def item_table(data: Any) -> tuple[list[str], list[str]]:
     if data.domain is not None:
         raw_ids, texts = data.domain.item_ids, data.domain.texts
     elif data.shards is not None:
-        from missrec.data.atomic import read_index_map, read_text
-
         ids_path, text_path = data.shards.table_path("item2index"), data.shards.table_path("text")
         raw_ids = read_index_map(ids_path) if ids_path is not None and ids_path.exists() else None
         if text_path is not None and text_path.exists():
@@ -75,14 +78,12 @@ def item_table(data: Any) -> tuple[list[str], list[str]]:
     if texts is None:
         texts = [""] * n
     if len(raw_ids) != n or len(texts) != n:
-        raise ValueError(f"{data.source}: item table has {len(raw_ids)} ids / {len(texts)} texts for {n} items")
+        raise InputError(f"{data.source}: item table has {len(raw_ids)} ids / {len(texts)} texts for {n} items")
     return list(raw_ids), list(texts)
 
 
 def build_serving_model(cfg: RunConfig, data: Any) -> nn.Module:
     """An untrained model of the run's architecture over the domain's items (no backbone loading)."""
-    from missrec.models.build import build_sasrec, missrec_from_config
-
     if cfg.model == "sasrec":
         return build_sasrec(cfg.sasrec, data.num_items, cfg.data.max_len)
     if cfg.model == "missrec":
@@ -94,40 +95,51 @@ def build_serving_model(cfg: RunConfig, data: Any) -> nn.Module:
     raise ConfigError(f"unknown model {cfg.model!r}: expected 'sasrec' or 'missrec'")
 
 
-def load_weights(model: nn.Module, path: Path) -> int | None:
-    """Load ``best.pt`` into ``model`` (every parameter must be there); returns the epoch it was saved at."""
+def load_weights(model: nn.Module, path: Path) -> tuple[int | None, ScoringPolicy]:
+    """Load ``best.pt`` into ``model`` (every parameter must be there); returns the epoch it was saved at and the
+    scoring policy chosen with it (a checkpoint that kept the history terms as model buffers, ``history_bias`` in
+    cosine units and ``affinity_weight``, gives them as a policy)."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no best-validation checkpoint; did the run finish a validation?")
+        raise MissingInputError(f"{path}: no best-validation checkpoint; did the run finish a validation?")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = dict(ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
     if state is None:
-        raise ValueError(f"{path}: not a checkpoint dict")
+        raise InputError(f"{path}: not a checkpoint dict")
+    policy = legacy_policy(state, model)
+    if isinstance(ckpt, dict) and "policy" in ckpt:
+        policy = ScoringPolicy.from_dict(ckpt["policy"])
     interest = {k: state.pop(k) for k in INTEREST_KEYS if k in state}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in INTEREST_KEYS]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the run's model: missing {missing[:5]}, "
+        raise InputError(f"{path}: checkpoint does not fit the run's model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     if len(interest) == 2:
         model.set_interest_index(interest["item_interest"][1:], interest["centroids"])
     elif hasattr(model, "set_interest_index"):
         log.warning("%s: no interest index saved; it will be rediscovered", path)
-    return ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    return (ckpt.get("epoch") if isinstance(ckpt, dict) else None), policy
+
+
+def legacy_policy(state: dict[str, torch.Tensor], model: nn.Module) -> ScoringPolicy:
+    """Remove the history terms older checkpoints kept as buffers from ``state``; the policy they made."""
+    bias, weight = state.pop("history_bias", None), state.pop("affinity_weight", None)
+    scale = 1.0 / float(getattr(model, "temperature", 0.07))  # MISSRec's offset was in cosine units; SASRec's x 1/0.07
+    return ScoringPolicy(float(bias) * scale if bias is not None else 0.0, float(weight) if weight is not None else 0.0)
 
 
 def load_run(run_dir: str | Path, data_root: str | None = None, device: str = "cpu") -> LoadedRun:
     """Config, data, model and best weights of a run folder; the model is in eval mode on ``device``."""
-    from missrec.transfer.finetune import DomainData
-
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, data_root)
     data = DomainData(cfg)
     model = build_serving_model(cfg, data)
-    epoch = load_weights(model, run_dir / "best.pt")
+    epoch, policy = load_weights(model, run_dir / "best.pt")
     model.to(torch.device(device)).eval()
     raw_ids, texts = item_table(data)
-    log.info("loaded %s run %s (best epoch %s): %d items", cfg.model, run_dir, epoch, data.num_items)
-    return LoadedRun(run_dir, cfg, model, data, raw_ids, texts, epoch)
+    log.info("loaded %s run %s (best epoch %s, policy %s): %d items", cfg.model, run_dir, epoch, policy.to_dict(),
+             data.num_items)
+    return LoadedRun(run_dir, cfg, model, data, raw_ids, texts, epoch, policy)
 
 
 __all__ = ["LoadedRun", "build_serving_model", "item_table", "load_run", "load_weights", "read_run_config"]

@@ -1,7 +1,7 @@
 """Candidates for a run with a history affinity: each history item's nearest neighbours, and the affinity itself.
 
-A model with ``history_affinity`` adds ``w`` × each item's largest similarity to an item of the user's history
-(:func:`missrec.models.history.history_affinity`) to its score. That is a max over the history, which no single
+A scoring policy with a history affinity adds ``w`` × each item's largest similarity to an item of the user's
+history (:func:`missrec.eval.policy.history_affinity`) to its score. That is a max over the history, which no single
 inner product with the user vector searches. :class:`HistoryNeighbours` keeps a second index over the items'
 affinity vectors (:meth:`~missrec.serve.scorers.ItemScorer.affinity_vectors`, whose dot product is the
 similarity), built on first use, and joins each history item's nearest neighbours to the user's pool; the
@@ -46,8 +46,8 @@ class HistoryNeighbours:
             dim = int(self.scorer.affinity_vectors(torch.zeros(1, dtype=torch.long)).shape[1])
             self._index = index_items(self.scorer.affinity_vectors, self.scorer.num_items, dim, self.cfg,
                                       self.chunk_items, self.progress, "affinity index")
-            log.info("affinity index %s over %d items in %.3fs (history affinity weight %g)",
-                     self.cfg.kind, self.scorer.num_items, time.perf_counter() - t0, self.scorer.affinity_weight)
+            log.info("affinity index %s over %d items in %.3fs", self.cfg.kind, self.scorer.num_items,
+                     time.perf_counter() - t0)
         return self._index
 
     def add(self, items: torch.Tensor) -> None:

@@ -7,14 +7,15 @@
 
 Per query: encode the history with the model, fetch a candidate pool of ``k * candidate_factor`` items
 (plus the history length when history items are excluded) from the index, re-rank the pool with the
-model's exact score (with the model's learned offset of history items when they are kept and it has
-one, ``missrec.history_bias``), keep the top k. For SASRec (and MISSRec with one modality, ``fusion="mean"`` or
-a zero fusion factor) the index ranking is already exact; otherwise see :mod:`missrec.serve.scorers`.
+model's exact score and the run's scoring policy (:mod:`missrec.eval.policy`: the history offset and affinity
+chosen on validation, so a served list is what evaluation measured; ``exclude_history``, off unless asked, drops
+history items altogether), keep the top k. For SASRec (and MISSRec with one modality, ``fusion="mean"`` or a zero fusion
+factor) the index ranking is already exact; otherwise see :mod:`missrec.serve.scorers`.
 
-A run with a history affinity (``missrec.history_affinity``: w × each item's largest similarity to a history
-item, added to its score) also pools each history item's ``k * candidate_factor`` nearest neighbours from a
-second index (:mod:`missrec.serve.neighbours`) and re-ranks with the affinity included; how often that gives
-the full ranking's top k is measured by :mod:`missrec.serve.agreement`.
+A policy with a history affinity (w × each item's largest similarity to a history item, added to its score) also
+pools each history item's ``k * candidate_factor`` nearest neighbours from a second index
+(:mod:`missrec.serve.neighbours`) and re-ranks with the affinity included; how often that gives the full
+ranking's top k is measured by :mod:`missrec.serve.agreement`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from missrec.data.batching import collate
+from missrec.errors import ConfigError, InputError, MISSRecError
+from missrec.eval.policy import ScoringPolicy
 from missrec.serve.index import IndexConfig, ItemIndex, index_items
+from missrec.serve.loading import load_run
 from missrec.serve.neighbours import HistoryNeighbours
 from missrec.serve.scorers import ItemScorer, MISSRecScorer, TransductiveItemsError, make_scorer
+from missrec.train.placement import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ class ServeConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     candidate_factor: int = 10
     history_neighbours: bool = True  # a run with a history affinity: each history item's neighbours join the pool
-    exclude_history: bool = True
+    exclude_history: bool = False  # drop the user's history items from every list (off: the policy ranks them)
     batch_size: int = 256
     chunk_items: int = 65_536  # items per chunk while building the index
     device: str = "cpu"
@@ -61,7 +66,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.candidate_factor < 1 or self.batch_size < 1 or self.chunk_items < 1:
-            raise ValueError("candidate_factor, batch_size and chunk_items must be >= 1")
+            raise ConfigError("candidate_factor, batch_size and chunk_items must be >= 1")
 
 
 class Recommendation(NamedTuple):
@@ -71,7 +76,7 @@ class Recommendation(NamedTuple):
     text: str
 
 
-class UnknownItemError(ValueError):
+class UnknownItemError(MISSRecError, ValueError):
     """A history names an item that is not in the catalogue."""
 
 
@@ -80,7 +85,7 @@ class Recommender:
 
     ``model``: SASRec or MISSRec (copied unless ``copy_model`` is False, so :meth:`add_items` never
     changes the caller's model); ``raw_ids`` / ``texts`` [num_items]; ``feature_names``: the feature
-    suffixes of MISSRec's modalities, in order (for :meth:`add_items`).
+    suffixes of MISSRec's modalities, in order (for :meth:`add_items`); ``policy``: the run's scoring policy.
     """
 
     def __init__(
@@ -92,12 +97,12 @@ class Recommender:
         cfg: ServeConfig = ServeConfig(),
         feature_names: Sequence[str] = (),
         *,
+        policy: ScoringPolicy | None = None,
         copy_model: bool = True,
         source: str = "",
     ) -> None:
-        from missrec.train.placement import resolve_device
-
         self.cfg = cfg
+        self.policy = policy or ScoringPolicy()  # the run's history terms (exclusion comes from cfg)
         self.max_len = int(max_len)
         self.source = source
         self.feature_names = tuple(feature_names)
@@ -107,16 +112,16 @@ class Recommender:
         self.scorer: ItemScorer = make_scorer(self.model)
         n = self.scorer.num_items
         if len(raw_ids) != n:
-            raise ValueError(f"{len(raw_ids)} raw ids for a model of {n} items")
+            raise InputError(f"{len(raw_ids)} raw ids for a model of {n} items")
         texts = [""] * n if texts is None else list(texts)
         if len(texts) != n:
-            raise ValueError(f"{len(texts)} texts for a model of {n} items")
+            raise InputError(f"{len(texts)} texts for a model of {n} items")
         self.raw_ids = [str(r) for r in raw_ids]
         self.texts = texts
         self._index_of: dict[str, int] = {}
         for i, raw in enumerate(self.raw_ids):
             if raw in self._index_of:
-                raise ValueError(f"raw item id {raw!r} appears twice (items {self._index_of[raw]} and {i})")
+                raise InputError(f"raw item id {raw!r} appears twice (items {self._index_of[raw]} and {i})")
             self._index_of[raw] = i
         self.data: Any = None  # the run's DomainData when built by from_run
         self.index = self._build_index()
@@ -126,13 +131,10 @@ class Recommender:
     @classmethod
     def from_run(cls, run_dir: str | Path, cfg: ServeConfig = ServeConfig(), data_root: str | None = None) -> Recommender:
         """Load a fine-tuning run folder (config, domain data, model, ``best.pt``) and index its items."""
-        from missrec.serve.loading import load_run
-        from missrec.train.placement import resolve_device
-
         run = load_run(run_dir, data_root, str(resolve_device(cfg.device)))
         rec = cls(run.model, run.raw_ids, run.texts, run.cfg.data.max_len, cfg,
                   feature_names=run.cfg.data.features if run.cfg.model == "missrec" else (),
-                  copy_model=False, source=str(run.run_dir))
+                  policy=run.policy, copy_model=False, source=str(run.run_dir))
         rec.data = run.data
         return rec
 
@@ -177,7 +179,7 @@ class Recommender:
                 raise TypeError(f"history {u} is a string; pass a list of items")
             idx = [self.item_index(x) for x in hist]
             if not idx:
-                raise ValueError(f"history {u} is empty: need at least one item")
+                raise InputError(f"history {u} is empty: need at least one item")
             out.append(idx)
         return out
 
@@ -192,7 +194,7 @@ class Recommender:
         full_ranking: bool = False,
     ) -> list[list[Recommendation]]:
         """Top-``k`` items for each history (items as raw ids or indices, oldest first; only the last
-        ``max_len`` feed the model). History items are left out unless ``exclude_history`` is False.
+        ``max_len`` feed the model). ``exclude_history`` (default: the config's) leaves history items out.
         ``full_ranking``: score every item exactly instead of using the index (the reference)."""
         ids, scores = self.topk(self.resolve(histories), k, exclude_history=exclude_history,
                                 candidate_factor=candidate_factor, full_ranking=full_ranking)
@@ -214,15 +216,15 @@ class Recommender:
         """Like :meth:`recommend` for histories of 0-based indices: (ids [B, k] int64, scores [B, k]
         float32), padded with id -1 / score -inf when fewer than ``k`` items qualify."""
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InputError(f"k must be >= 1, got {k}")
         exclude = self.cfg.exclude_history if exclude_history is None else exclude_history
         factor = self.cfg.candidate_factor if candidate_factor is None else int(candidate_factor)
         if factor < 1:
-            raise ValueError(f"candidate_factor must be >= 1, got {factor}")
+            raise InputError(f"candidate_factor must be >= 1, got {factor}")
         for u, h in enumerate(histories):
             a = np.asarray(h, dtype=np.int64)
             if a.size == 0:
-                raise ValueError(f"history {u} is empty: need at least one item")
+                raise InputError(f"history {u} is empty: need at least one item")
             bad = a[(a < 0) | (a >= self.num_items)]
             if bad.size:
                 raise UnknownItemError(f"history {u}: item index {int(bad[0])} is outside the catalogue "
@@ -244,8 +246,8 @@ class Recommender:
         batch = collate([(0, h, 0) for h in histories], self.max_len)
         user = self.scorer.encode(batch)  # [B, D]
         seen = [np.unique(np.asarray(h, dtype=np.int64)) for h in histories]
-        offset = self.scorer.history_offset  # the model's learned offset of history items (0: none)
-        weight = self.scorer.affinity_weight  # the model's history affinity weight (0: none)
+        offset = self.policy.history_offset  # the run's offset of history items (0: none)
+        weight = self.policy.affinity_weight  # the run's history affinity weight (0: none)
         if full:
             scores = self.scorer.full_scores(user).float()  # [B, N]
             if weight:
@@ -310,10 +312,10 @@ class Recommender:
             return []
         texts = [""] * n if texts is None else [str(t) for t in texts]
         if len(texts) != n:
-            raise ValueError(f"{len(texts)} texts for {n} new items")
+            raise InputError(f"{len(texts)} texts for {n} new items")
         dup = [r for r in raw_ids if r in self._index_of]
         if dup or len(set(raw_ids)) != n:
-            raise ValueError(f"new item ids must be new and distinct; already present or repeated: "
+            raise InputError(f"new item ids must be new and distinct; already present or repeated: "
                              f"{dup[:5] or sorted({r for r in raw_ids if raw_ids.count(r) > 1})[:5]}")
         tables = self._feature_tables(features, n, raw_ids)
         start = self.num_items
@@ -332,24 +334,24 @@ class Recommender:
         names = self.feature_names or tuple(f"feat{m}" for m in range(self.scorer.num_modalities))
         unknown = sorted(set(features) - set(names))
         if unknown:
-            raise ValueError(f"unknown feature table(s) {unknown}; this run's modalities are {list(names)}")
+            raise InputError(f"unknown feature table(s) {unknown}; this run's modalities are {list(names)}")
         tables = []
         for m, name in enumerate(names):
-            dim = int(getattr(self.model, f"feat{m}").shape[1])
+            dim = int(self.model.items.dims[m])
             if name not in features:
                 log.warning("no %s features for the %d new items: that modality is missing for them", name, n)
                 tables.append(np.zeros((n, dim), dtype=np.float32))
                 continue
             arr = np.asarray(features[name], dtype=np.float32)
             if arr.shape != (n, dim):
-                raise ValueError(f"features {name!r} must be [{n}, {dim}], got {arr.shape}")
+                raise InputError(f"features {name!r} must be [{n}, {dim}], got {arr.shape}")
             bad = ~np.isfinite(arr).all(axis=1)
             if bad.any():
-                raise ValueError(f"features {name!r} of new item {raw_ids[int(np.argmax(bad))]!r} hold NaN or inf")
+                raise InputError(f"features {name!r} of new item {raw_ids[int(np.argmax(bad))]!r} hold NaN or inf")
             tables.append(arr)
         empty = ~np.stack([np.abs(t).sum(1) > 0 for t in tables], axis=1).any(axis=1)
         if empty.any():
-            raise ValueError(f"new item {raw_ids[int(np.argmax(empty))]!r} has no features in any modality")
+            raise InputError(f"new item {raw_ids[int(np.argmax(empty))]!r} has no features in any modality")
         return tables
 
     # ------------------------------------------------------------------------------ reporting
@@ -358,8 +360,8 @@ class Recommender:
         """The index description plus the serving settings."""
         return {**self.index.info, "index_seconds": round(self.index_seconds, 4),
                 "candidate_factor": self.cfg.candidate_factor, "proxy_exact": bool(self.scorer.proxy_is_exact),
-                "num_items": self.num_items, "affinity_weight": self.scorer.affinity_weight,
-                "history_neighbours": bool(self.scorer.affinity_weight and self.cfg.history_neighbours)}
+                "num_items": self.num_items, "policy": self.policy.to_dict(),
+                "history_neighbours": bool(self.policy.affinity_weight and self.cfg.history_neighbours)}
 
     def split_histories(self, split: str = "test", limit: int | None = None) -> list[list[int]]:
         """Histories (0-based indices) of a split of the run's domain (``from_run`` only), up to ``limit``."""

@@ -30,6 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from missrec.data.batching import Batch
+from missrec.errors import MISSRecError
+from missrec.eval.policy import history_affinity
+from missrec.models.missrec import MISSRec
+from missrec.models.sasrec import SASRec
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,6 @@ class ItemScorer(Protocol):
     num_items: int
     dim: int  # index vector width
     proxy_is_exact: bool  # the index inner product ranks exactly as the model's score
-    history_offset: float  # what the model adds to the scores of history items, in logits (0: nothing)
-    affinity_weight: float  # weight of the model's history affinity in its scores (0: none)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """User vectors [B, D]."""
@@ -65,19 +67,6 @@ class ItemScorer(Protocol):
         """[n] (0-based) -> [n, K] float32: vectors whose dot product is the history affinity's similarity."""
 
 
-def _history_offset(model: nn.Module) -> float:
-    """What ``model`` adds to the scores of items in the history, in logits (its learned ``history_bias``;
-    0 without)."""
-    off = model.history_offset()
-    return 0.0 if off is None else float(off.detach())
-
-
-def _affinity_weight(model: nn.Module) -> float:
-    """Weight of ``model``'s history affinity in its scores (its ``affinity_weight``; 0 without)."""
-    w = getattr(model, "affinity_weight", None)
-    return 0.0 if w is None else float(w.detach())
-
-
 class SASRecScorer:
     """Index vectors = item embeddings; the index ranking is exact."""
 
@@ -89,25 +78,15 @@ class SASRecScorer:
         self.num_items = int(model.num_items)
         self.dim = int(self.weight.shape[1])
 
-    @property
-    def history_offset(self) -> float:
-        """What the model adds to the scores of history items, in logits (0 without a learned offset)."""
-        return _history_offset(self.model)
-
     @torch.no_grad()
     def encode(self, batch: Batch) -> torch.Tensor:
         """User vectors [B, D]."""
         return self.model.encode(batch.to(self.weight.device))
 
-    @property
-    def affinity_weight(self) -> float:
-        """Weight of the model's history affinity (``sasrec.history_affinity``; 0: none)."""
-        return _affinity_weight(self.model)
-
     @torch.no_grad()
     def history_affinity(self, batch: Batch) -> torch.Tensor:
-        """[B, N], as ``SASRec.history_affinity``."""
-        return self.model.history_affinity(batch.to(self.weight.device))
+        """[B, N]: each item's largest cosine (item embeddings) to an item of the row's history."""
+        return history_affinity(batch.seq.to(self.weight.device), self.model.affinity_units())
 
     @torch.no_grad()
     def affinity_vectors(self, items: torch.Tensor) -> torch.Tensor:
@@ -152,20 +131,10 @@ class MISSRecScorer:
     def num_items(self) -> int:
         return int(self.model.num_items)
 
-    @property
-    def history_offset(self) -> float:
-        """What the model adds to the scores of history items, in logits (0 without a learned offset)."""
-        return _history_offset(self.model)
-
-    @property
-    def affinity_weight(self) -> float:
-        """Weight of the model's history affinity (``missrec.history_affinity``, chosen on validation; 0: none)."""
-        return _affinity_weight(self.model)
-
     @torch.no_grad()
     def history_affinity(self, batch: Batch) -> torch.Tensor:
-        """[B, N], as ``MISSRec.history_affinity`` over the served tokens (new items included)."""
-        return self.model.history_affinity(batch.to(self.tokens.device), self.tokens)
+        """[B, N]: the history affinity over the served tokens (new items included)."""
+        return history_affinity(batch.seq.to(self.tokens.device), self.model.affinity_units(self.tokens))
 
     @torch.no_grad()
     def affinity_vectors(self, items: torch.Tensor) -> torch.Tensor:
@@ -188,7 +157,7 @@ class MISSRecScorer:
         """[n] -> [n, (M [+1]) * D]: the a = 0 proxy of the fused score."""
         rows = items.to(self.tokens.device) + 1
         t = F.normalize(self.tokens[:, rows].float(), dim=-1)  # [M, n, D]
-        p = self.model.present[rows].float()  # [n, M]
+        p = self.model.items.present[rows].float()  # [n, M]
         w = p / p.sum(1, keepdim=True).clamp(min=1)  # [n, M]: 1 / n_present on present modalities
         v = (t * w.T.unsqueeze(-1)).permute(1, 0, 2).reshape(rows.shape[0], -1)  # [n, M * D]
         if self.transductive:
@@ -203,13 +172,16 @@ class MISSRecScorer:
 
     @torch.no_grad()
     def scores(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """[B, D] x [C] -> [B, C]: ``MISSRec.score`` (fused, divided by τ)."""
-        return self.model.score(user, self.tokens, items.to(self.tokens.device) + 1)
+        """[B, D] x [C] -> [B, C]: the fused score divided by τ (``MISSRec.fuse``)."""
+        rows = items.to(self.tokens.device) + 1
+        m = self.model
+        idw = m.item_id.weight[rows] if m.item_id is not None else None
+        return m.fuse(user, self.tokens[:, rows], m.items.present[rows], idw)
 
     @torch.no_grad()
     def full_scores(self, user: torch.Tensor) -> torch.Tensor:
         """[B, N], as ``MISSRec.full_scores``."""
-        return self.model.score(user, self.tokens)
+        return self.scores(user, torch.arange(self.num_items, device=self.tokens.device))
 
     @torch.no_grad()
     def add_items(self, features: Sequence[torch.Tensor]) -> None:
@@ -229,16 +201,14 @@ class MISSRecScorer:
         present = torch.stack([f.abs().sum(1) > 0 for f in feats], dim=1)  # [n, M]
         new_tokens = torch.stack([ad(f) for ad, f in zip(m.adapters, feats, strict=True)])  # [M, n, D]
         interests = nearest_interests(new_tokens, present, m.centroids)  # [n, M]
-        for i, f in enumerate(feats):
-            setattr(m, f"feat{i}", torch.cat([getattr(m, f"feat{i}"), f.to(getattr(m, f"feat{i}").dtype)]))
-        m.present = torch.cat([m.present, present])
+        m.items.grow(feats)
         m.num_items = int(m.num_items) + n
         m.set_interest_index(torch.cat([m.item_interest[1:], interests.to(m.item_interest.device)]), m.centroids)
         self.tokens = torch.cat([self.tokens, new_tokens.to(self.tokens.dtype)], dim=1)
         log.info("added %d items inductively (catalogue now %d)", n, m.num_items)
 
 
-class TransductiveItemsError(ValueError):
+class TransductiveItemsError(MISSRecError, ValueError):
     """Items cannot be added to a model that scores with trained per-item ID embeddings."""
 
 
@@ -253,9 +223,6 @@ def nearest_interests(tokens: torch.Tensor, present: torch.Tensor, centroids: to
 
 def make_scorer(model: nn.Module) -> ItemScorer:
     """The scorer for a SASRec or MISSRec model (put in eval mode)."""
-    from missrec.models.missrec import MISSRec
-    from missrec.models.sasrec import SASRec
-
     if isinstance(model, MISSRec):
         return MISSRecScorer(model)
     if isinstance(model, SASRec):

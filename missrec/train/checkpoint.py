@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from missrec.errors import MissingInputError, MISSRecError
 from missrec.train.dist import barrier, broadcast_object
 from missrec.train.rank_zero import RankZero
 
@@ -26,7 +27,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(MISSRecError, OSError):
     """A checkpoint could not be written (full disk, I/O error); names the folder and the fallback."""
 
 
@@ -97,8 +98,8 @@ def load(engine: Any, run_dir: str | Path, tag: str | None = None) -> tuple[str,
     """Load ``tag`` (default: the latest complete checkpoint) into ``engine``; returns (tag, client state)."""
     tag = broadcast_object(tag or latest_tag(run_dir))  # rank 0's view decides for everyone
     if tag is None:
-        raise FileNotFoundError(f"{Path(run_dir) / CHECKPOINTS}: no complete checkpoint to resume from")
+        raise MissingInputError(f"{Path(run_dir) / CHECKPOINTS}: no complete checkpoint to resume from")
     path, client = engine.load_checkpoint(str(Path(run_dir) / CHECKPOINTS), tag=tag)
     if path is None:
-        raise FileNotFoundError(f"{Path(run_dir) / CHECKPOINTS / tag}: DeepSpeed could not load it")
+        raise MissingInputError(f"{Path(run_dir) / CHECKPOINTS / tag}: DeepSpeed could not load it")
     return tag, dict(client or {})

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from missrec.errors import MissingInputError
 from missrec.io import atomic_open
 from missrec.train.checkpoint import CHECKPOINTS, latest_tag
 
@@ -30,7 +31,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, tag: str | None = No
     run_dir = Path(run_dir)
     tag = tag or latest_tag(run_dir)
     if tag is None:
-        raise FileNotFoundError(f"{run_dir / CHECKPOINTS}: no complete checkpoint to export")
+        raise MissingInputError(f"{run_dir / CHECKPOINTS}: no complete checkpoint to export")
     state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / CHECKPOINTS), tag=tag)
     state = {k: v.detach().to(torch.float32).clone().contiguous() for k, v in state.items()}
     config_path = run_dir / "config.json"

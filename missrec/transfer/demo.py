@@ -25,9 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from missrec.config import RunConfig, build
-from missrec.data.synthetic import SyntheticConfig, generate_catalogue, load_item_table
+from missrec.data.atomic import load_domain, load_item_table
+from missrec.data.prepare import PrepareConfig, prepare_generic
+from missrec.data.prepare_merge import export_interactions
+from missrec.data.shard_writer import write_domain_shards
+from missrec.data.synthetic import SyntheticConfig, generate_catalogue
+from missrec.errors import StageFailedError
+from missrec.features.clip_train import fit_demo_clip
+from missrec.features.encode import EncoderSpec
+from missrec.features.job import ExtractConfig, extract_features
+from missrec.features.pool import PoolConfig
 from missrec.io import write_json
 from missrec.train.dist import launch_command
+from missrec.train.export import export_checkpoint
+from missrec.transfer.fanout import FanoutConfig, run_fanout
+from missrec.transfer.interest_plot import interest_picture
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -60,9 +72,6 @@ def _stage(n: int, text: str) -> None:
 
 def prepare_domains(catalogue: Path, out: Path, domains: tuple[str, ...]) -> dict[str, Any]:
     """Export each domain of ``catalogue`` to raw files under ``out/raw`` and prepare them into ``out/data``."""
-    from missrec.data.prepare import PrepareConfig, prepare_generic
-    from missrec.data.prepare_merge import export_interactions
-
     summaries = {}
     for d in domains:
         raw = export_interactions(catalogue / d, d, out / "raw" / d)
@@ -72,8 +81,6 @@ def prepare_domains(catalogue: Path, out: Path, domains: tuple[str, ...]) -> dic
 
 
 def fit_clip(data: Path, sources: tuple[str, ...], out: Path, steps: int, progress: bool) -> tuple[Path, Path]:
-    from missrec.features.clip_train import fit_demo_clip
-
     pairs = []
     for d in sources:
         for _, text, image in load_item_table(data / d / f"{d}.items.tsv"):
@@ -84,10 +91,6 @@ def fit_clip(data: Path, sources: tuple[str, ...], out: Path, steps: int, progre
 def extract_all(data: Path, domains: tuple[str, ...], clip: tuple[Path, Path], num_cpus: int,
                 progress: bool) -> dict[str, Any]:
     """Ray actors (one per CPU) encode every domain's text and images with the demo CLIP."""
-    from missrec.features.encode import EncoderSpec
-    from missrec.features.job import ExtractConfig, extract_features
-    from missrec.features.pool import PoolConfig
-
     cfg_path, ckpt = clip
     spec = EncoderSpec(backend="open_clip", model=cfg_path.stem, pretrained=str(ckpt), model_config=str(cfg_path),
                        device="cpu", torch_threads=1)
@@ -97,9 +100,6 @@ def extract_all(data: Path, domains: tuple[str, ...], clip: tuple[Path, Path], n
 
 
 def write_shards(data: Path, out: Path, domains: tuple[str, ...]) -> None:
-    from missrec.data.atomic import load_domain
-    from missrec.data.shard_writer import write_domain_shards
-
     for d in domains:
         dom = load_domain(data / d, d, list(FEATURES))
         write_domain_shards(dom, out / d, samples_per_shard=2000, feature_suffixes=list(FEATURES),
@@ -108,8 +108,6 @@ def write_shards(data: Path, out: Path, domains: tuple[str, ...]) -> None:
 
 def pretrain(shards: Path, sources: tuple[str, ...], run: Path, ranks: int, epochs: int) -> dict[str, Any]:
     """``deepspeed --num_accelerators RANKS launcher/pretrain.py`` (ZeRO-2, CPU), then the export."""
-    from missrec.train.export import export_checkpoint
-
     args = ["--deepspeed_config", str(REPO / "cluster_configs/zero2.json"),
             "--data", ",".join(str(shards / d) for d in sources), "--output-dir", str(run), "--quiet",
             "--set", f"epochs={epochs}", "--set", "batch_size=64", "--resume"]
@@ -122,7 +120,7 @@ def pretrain(shards: Path, sources: tuple[str, ...], run: Path, ranks: int, epoc
     (run / "launcher.log").parent.mkdir(parents=True, exist_ok=True)
     (run / "launcher.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"pre-training failed (exit {proc.returncode}); see {run / 'launcher.log'}:\n"
+        raise StageFailedError(f"pre-training failed (exit {proc.returncode}); see {run / 'launcher.log'}:\n"
                            f"{proc.stderr[-3000:]}")
     return export_checkpoint(run, run / "backbone.pt")
 
@@ -130,9 +128,6 @@ def pretrain(shards: Path, sources: tuple[str, ...], run: Path, ranks: int, epoc
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, Any]:
     """Run every stage; returns the results (also written to ``out/results.json`` and ``results.md``)."""
     import ray
-
-    from missrec.transfer.fanout import FanoutConfig, run_fanout
-    from missrec.transfer.interest_plot import interest_picture
 
     out = Path(cfg.out)
     t0 = time.perf_counter()

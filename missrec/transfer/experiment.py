@@ -29,8 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from missrec.config import RunConfig, build
+from missrec.data.atomic import INTER_HEADER, TEXT_HEADER, iter_table, load_domain, read_index_map
+from missrec.data.prepare import prepare_sequences, prepare_unisrec
+from missrec.data.shard_writer import write_domain_shards
+from missrec.data.shards import ShardSource, shards_exist
+from missrec.errors import StageFailedError
+from missrec.eval.metrics import RankingMetrics
+from missrec.eval.seeds import compare_groups, comparison_json
+from missrec.features.encode import EncoderSpec
+from missrec.features.job import ExtractConfig, extract_features
+from missrec.features.pool import PoolConfig
 from missrec.io import write_json
 from missrec.train.dist import launch_command
+from missrec.train.export import export_checkpoint
+from missrec.transfer.fanout import FanoutConfig, run_fanout
+from missrec.transfer.finetune import run_finetune
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -113,8 +127,6 @@ def _head(src: Path, dst: Path, lines: int, header: bool) -> Path:
 
 def prepare(cfg: TransferConfig) -> dict[str, Any]:
     """Sources (and, in a sliced run, Scientific) as atomic domain folders under ``OUT/data``."""
-    from missrec.data.prepare import prepare_sequences, prepare_unisrec
-
     out, src = Path(cfg.out), Path(cfg.sources_root)
     done = {}
     for name, (reader, hist, text) in SOURCES.items():
@@ -136,8 +148,6 @@ def prepare(cfg: TransferConfig) -> dict[str, Any]:
 
 def slice_atomic(src: Path, name: str, dst: Path, users: int) -> dict[str, int]:
     """The rows of users ``0 .. users - 1`` of an atomic domain, items re-indexed to those they use."""
-    from missrec.data.atomic import INTER_HEADER, TEXT_HEADER, iter_table, read_index_map
-
     if (dst / f"{name}.text").exists():
         return {"users": users}
     dst.mkdir(parents=True, exist_ok=True)
@@ -174,10 +184,6 @@ def domain_dir(cfg: TransferConfig, name: str) -> Path:
 
 def extract(cfg: TransferConfig) -> dict[str, Any]:
     """MiniLM text features of every domain with a pool of Ray actors (chunks already written are kept)."""
-    from missrec.features.encode import EncoderSpec
-    from missrec.features.job import ExtractConfig, extract_features
-    from missrec.features.pool import PoolConfig
-
     spec = EncoderSpec(backend="sentence-transformers", model="all-MiniLM-L6-v2", device="cpu", torch_threads=1,
                        batch_size=128)
     pool = PoolConfig(num_actors=cfg.extract_actors, num_cpus_per_actor=1) if cfg.extract_actors else None
@@ -195,10 +201,6 @@ def extract(cfg: TransferConfig) -> dict[str, Any]:
 
 
 def shards(cfg: TransferConfig) -> dict[str, int]:
-    from missrec.data.atomic import load_domain
-    from missrec.data.shard_writer import write_domain_shards
-    from missrec.data.shards import ShardSource, shards_exist
-
     out = {}
     for name in cfg.domains:
         folder = Path(cfg.out) / "shards" / name
@@ -213,8 +215,6 @@ def shards(cfg: TransferConfig) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------- training
 def pretrain(cfg: TransferConfig) -> dict[str, Any]:
     """DeepSpeed pre-training on the four sources (``--resume``: an interrupted run continues), then export."""
-    from missrec.train.export import export_checkpoint
-
     run = Path(cfg.out) / "pretrain"
     backbone = run / "backbone.pt"
     if (run / "metrics.json").exists() and backbone.exists():
@@ -231,14 +231,12 @@ def pretrain(cfg: TransferConfig) -> dict[str, Any]:
     with open(run / "launcher.log", "w", encoding="utf-8") as logf:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"pre-training failed (exit {proc.returncode}); see {run / 'launcher.log'}")
+        raise StageFailedError(f"pre-training failed (exit {proc.returncode}); see {run / 'launcher.log'}")
     export_checkpoint(run, backbone)
     return json.loads((run / "metrics.json").read_text())
 
 
 def _base(cfg: TransferConfig, seed: int, variant: str, extra: list[str] = ()) -> Any:
-    from missrec.config import RunConfig, build
-
     return build(RunConfig, [], [
         f"data.data_root={Path(cfg.out) / 'shards'}", f"data.features=[{SUFFIX}]",
         f"pretrained={Path(cfg.out) / 'pretrain' / 'backbone.pt'}", f"train.seed={seed}", "train.progress=false",
@@ -248,8 +246,6 @@ def _base(cfg: TransferConfig, seed: int, variant: str, extra: list[str] = ()) -
 def zero_shot(cfg: TransferConfig) -> dict[str, float]:
     """The pre-trained backbone ranks Scientific's test items as it is: its adapters, no fine-tuning step."""
     from dataclasses import replace
-
-    from missrec.transfer.finetune import run_finetune
 
     run = Path(cfg.out) / "zero-shot"
     if (run / "metrics.json").exists():
@@ -264,8 +260,6 @@ def finetune(cfg: TransferConfig) -> dict[str, dict[int, dict[str, float]]]:
     prefixed by the variant)."""
     import ray
 
-    from missrec.transfer.fanout import FanoutConfig, run_fanout
-
     out: dict[str, dict[int, dict[str, float]]] = {}
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
@@ -277,7 +271,7 @@ def finetune(cfg: TransferConfig) -> dict[str, dict[int, dict[str, float]]]:
                     cpus_per_job=1, progress=False), _base(cfg, seed, variant))
                 for row in fan["jobs"]:
                     if row["status"] not in ("ok", "skipped") or not row.get("test"):
-                        raise RuntimeError(f"fine-tuning job {row['run']} of {variant}/seed {seed} failed: "
+                        raise StageFailedError(f"fine-tuning job {row['run']} of {variant}/seed {seed} failed: "
                                            f"{row.get('error', '')}; log {row.get('log', '')}")
                     out.setdefault(f"{variant}/{row['run']}", {})[seed] = row["test"]
     finally:
@@ -288,9 +282,6 @@ def finetune(cfg: TransferConfig) -> dict[str, dict[int, dict[str, float]]]:
 def popularity(cfg: TransferConfig) -> dict[str, float]:
     """Every test user gets the items ranked by how often they are a training target (ties at random)."""
     import torch
-
-    from missrec.data.shards import ShardSource
-    from missrec.eval.metrics import RankingMetrics
 
     src = ShardSource(Path(cfg.out) / "shards" / TARGET)
     counts = torch.zeros(src.num_items, dtype=torch.float64)
@@ -306,8 +297,6 @@ def popularity(cfg: TransferConfig) -> dict[str, float]:
 def table(cfg: TransferConfig, zero: dict[str, float], runs: dict[str, dict[int, dict[str, float]]],
           pop: dict[str, float]) -> dict[str, Any]:
     """Means over seeds per row and variant, and pre-trained against scratch (Welch's t-test over seeds)."""
-    from missrec.eval.seeds import compare_groups, comparison_json
-
     def mean(group: dict[int, dict[str, float]]) -> dict[str, float]:
         return {m: round(sum(r[m] for r in group.values()) / len(group), 4) for m in METRICS}
 

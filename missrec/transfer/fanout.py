@@ -31,6 +31,7 @@ from typing import Any
 
 from missrec.config import RunConfig, from_dict, merge, to_dict
 from missrec.errors import ConfigError, missing_extra
+from missrec.transfer.finetune import run_finetune
 from missrec.transfer.results import job_line, write_fanout_results
 from missrec.transfer.runstate import (
     inspect_run,
@@ -178,8 +179,6 @@ def run_job(config: dict[str, Any], threads: int, tail_lines: int = 30) -> dict[
     torch threads, logging to ``<output_dir>/finetune.log``. Never raises: returns ``{"status": "ok",
     "metrics"}`` or ``{"status": "failed", "error", "traceback", "log_tail"}``."""
     import torch
-
-    from missrec.transfer.finetune import run_finetune
 
     t0 = time.perf_counter()
     run_dir = Path(config["output_dir"])

@@ -19,9 +19,14 @@ import torch
 from torch import nn
 
 from missrec.config import RunConfig, to_dict
+from missrec.data.atomic import load_domain
 from missrec.data.batching import Batch, iter_split_batches
+from missrec.data.shards import ShardSource
+from missrec.errors import ConfigError
+from missrec.models.build import build_missrec, build_sasrec, history_grid
 from missrec.train.loop import fit
 from missrec.train.rank_zero import RankZero
+from missrec.transfer.artefacts import save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +42,14 @@ class DomainData:
 
     def __init__(self, cfg: RunConfig) -> None:
         d = cfg.data
-        self.train_rows = "all"
-        self.rows: np.ndarray | None = None
-        self.group_by_length = d.group_by_length
         root = Path(d.data_root)
         self.max_len = d.max_len
         self.batch_size = cfg.train.batch_size
         self.eval_batch_size = cfg.train.eval_batch_size
         self.seed = cfg.train.seed
-        self.item_drop = cfg.train.item_drop  # in [0, 1): TrainConfig checks it
         self.num_workers = d.num_workers
         shard_dir = _find_shard_dir(root, d.domain)
         if shard_dir is not None:
-            from missrec.data.shards import ShardSource
-
             self.shards = ShardSource(shard_dir, skip_bad_shards=d.skip_bad_shards)
             self.domain = None
             self.num_items = self.shards.num_items
@@ -58,8 +57,6 @@ class DomainData:
             self.num_train = self.shards.num_rows("train")
             self.source = str(shard_dir)
         else:
-            from missrec.data.atomic import load_domain
-
             self.shards = None
             if not (root / f"{d.domain}.train.inter").exists() and (root / d.domain / f"{d.domain}.train.inter").exists():
                 root = root / d.domain  # a catalogue folder with one sub-folder per domain
@@ -71,40 +68,19 @@ class DomainData:
             self.num_train = len(self.domain.train)
             self.source = str(root)
 
-    def use_train_rows(self, kind: str) -> None:
-        """``"all"`` prefix rows, or each user's ``"last_per_user"`` (for models trained causally)."""
-        if kind not in ("all", "last_per_user"):
-            raise ValueError(f"train_rows must be 'all' or 'last_per_user', got {kind!r}")
-        self.train_rows = kind
-        if self.shards is not None:
-            self.num_train = self.shards.num_rows("train", last_per_user=kind == "last_per_user")
-        else:
-            self.rows = self.domain.train.last_rows_per_user() if kind == "last_per_user" else None
-            self.num_train = len(self.domain.train) if self.rows is None else len(self.rows)
-
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_train / self.batch_size)
 
     def train_batches(self, epoch: int) -> Iterable[Batch]:
-        batches = self._train_batches(epoch)
-        if self.item_drop <= 0.0:
-            return batches
-        from missrec.models.losses import drop_items
-
-        # a stream of its own, a function of (seed, epoch): dropout and the batch order are not disturbed
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return (drop_items(b, self.item_drop, gen) for b in batches)
-
-    def _train_batches(self, epoch: int) -> Iterable[Batch]:
+        """The epoch's training batches: shuffled by (seed, epoch), rows of similar history length together."""
         if self.shards is not None:
             return self.shards.batches(
                 "train", self.batch_size, epoch=epoch, seed=self.seed, shuffle=True, max_len=self.max_len,
-                num_workers=self.num_workers, last_per_user=self.train_rows == "last_per_user",
-                group_by_length=self.group_by_length,
+                num_workers=self.num_workers, group_by_length=True,
             )
         return iter_split_batches(
             self.domain.train, self.batch_size, self.max_len, shuffle=True, seed=self.seed, epoch=epoch,
-            rows=self.rows, group_by_length=self.group_by_length,
+            group_by_length=True,
         )
 
     def eval_batches(self, split: str) -> Iterable[Batch]:
@@ -128,13 +104,11 @@ def _find_shard_dir(root: Path, domain: str) -> Path | None:
 
 def build_model(cfg: RunConfig, data: DomainData) -> nn.Module:
     """The model named by ``cfg.model``, sized from the data."""
-    from missrec.models.build import build_missrec, build_sasrec
-
     if cfg.model == "sasrec":
         return build_sasrec(cfg.sasrec, data.num_items, cfg.data.max_len)
     if cfg.model == "missrec":
         return build_missrec(cfg, data.num_items, data.features)
-    raise ValueError(f"unknown model {cfg.model!r}: expected 'sasrec' or 'missrec'")
+    raise ConfigError(f"unknown model {cfg.model!r}: expected 'sasrec' or 'missrec'")
 
 
 def run_finetune(cfg: RunConfig) -> dict[str, Any]:
@@ -146,23 +120,22 @@ def run_finetune(cfg: RunConfig) -> dict[str, Any]:
     out = RankZero(cfg.output_dir)
     data = DomainData(cfg)
     model = build_model(cfg, data)
-    data.use_train_rows(getattr(model, "train_rows", "all"))
     if cfg.pretrained and cfg.model != "missrec":
-        raise ValueError(f"model {cfg.model!r} cannot start from a pre-trained checkpoint")
+        raise ConfigError(f"model {cfg.model!r} cannot start from a pre-trained checkpoint")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("model %s: %d trainable of %d parameters; data from %s", cfg.model, trainable, total, data.source)
     out.record_start(to_dict(cfg), {"num_items": data.num_items, "data_source": data.source})
-    result = fit(
-        model, data.train_batches, data.eval_batches, cfg.train, out, steps_per_epoch=data.steps_per_epoch()
-    )
+
+    grid = history_grid(cfg.missrec if cfg.model == "missrec" else cfg.sasrec)
+    result = fit(model, data.train_batches, data.eval_batches, cfg.train, out, steps_per_epoch=data.steps_per_epoch(),
+                 grid=grid)
     metrics = result.to_json()
     metrics["trainable_parameters"] = trainable
     metrics["total_parameters"] = total
     if cfg.pretrained and out.is_zero:
-        from missrec.transfer.artefacts import save_adapter
-
-        size = save_adapter(model, out.run_dir / "adapter.pt", cfg.pretrained, {"domain": cfg.data.domain})
+        size = save_adapter(model, out.run_dir / "adapter.pt", cfg.pretrained, {"domain": cfg.data.domain},
+                            result.policy)
         metrics["adapter_bytes"] = size
         metrics["backbone_bytes"] = Path(cfg.pretrained).stat().st_size
     metrics["seconds"] = round(time.perf_counter() - t0, 2)

@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from missrec.errors import InputError
+from missrec.serve.loading import load_run
+from missrec.train.rank_zero import RankZero
+
 log = logging.getLogger(__name__)
 
 MODALITY_NAMES = ("text", "image", "modality 3", "modality 4")
@@ -35,12 +39,10 @@ def interest_picture(run_dir: str | Path, png: str | Path, tb_dir: str | Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from missrec.serve.loading import load_run
-
     loaded = load_run(run_dir)
     model = loaded.model
     if not getattr(model, "use_interests", False):
-        raise ValueError(f"{run_dir}: no interests to draw (not a MISSRec run, or trained with "
+        raise InputError(f"{run_dir}: no interests to draw (not a MISSRec run, or trained with "
                          "missrec.use_interests=false)")
     with torch.no_grad():
         tokens = model.item_tokens()[:, 1:].float().cpu().numpy()  # [M, N, D]
@@ -75,8 +77,6 @@ def interest_picture(run_dir: str | Path, png: str | Path, tb_dir: str | Path | 
     plt.close(fig)
     tmp.replace(png)
     if tb_dir is not None:
-        from missrec.train.rank_zero import RankZero
-
         raw = loaded.raw_ids
         meta, rows = [], []
         for j in range(m):

@@ -4,7 +4,7 @@ its epoch) on a split, at any cutoffs, from the run's own ``config.json``.
     python launcher/evaluate.py --run runs/mm-ind --ks 10,50 --split test
 
 Useful to compare with figures computed at other cutoffs, e.g. the official MISSRec evaluator, which
-reports top-(k+1) as "@k" (docs/results.md). ``--ties expected`` scores tied items by their expected rank,
+reports top-(k+1) as "@k" (docs/experiments.md). ``--ties expected`` scores tied items by their expected rank,
 which needs no item order and so compares exactly with another code's dumped ranks. ``--by-popularity
 6,21`` splits the users by how often their target is a training target (:mod:`missrec.eval.popularity`).
 """
@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from missrec.errors import ConfigError
 from missrec.eval.metrics import check_tie_rule
 from missrec.eval.popularity import check_edges, evaluate_by_popularity, target_counts
+from missrec.serve.loading import load_run
 from missrec.train.loop import evaluate
 from missrec.train.placement import resolve_device
 
@@ -42,7 +44,7 @@ def rescore_run(
     run's data folder (its config may hold a path relative to another working directory)."""
     run, dev = _load_checked(run_dir, ks, split, data_root, device, ties)
     log.info("%s: best.pt (epoch %s) on %s at %s, ties %s", run_dir, run.epoch, split, list(ks), ties)
-    return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks), ties)
+    return evaluate(run.model, run.data.eval_batches(split), dev, tuple(int(k) for k in ks), ties, run.policy)
 
 
 def _load_checked(
@@ -50,12 +52,10 @@ def _load_checked(
 ) -> tuple[LoadedRun, torch.device]:
     """The run (:func:`missrec.serve.loading.load_run`) and its device, after the arguments are checked
     (before anything is loaded)."""
-    from missrec.serve.loading import load_run
-
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"cutoffs must be positive integers, got {list(ks)}")
+        raise ConfigError(f"cutoffs must be positive integers, got {list(ks)}")
     check_tie_rule(ties)
     dev = resolve_device(device)
     return load_run(run_dir, data_root, str(dev)), dev
@@ -73,4 +73,4 @@ def rescore_by_popularity(
     counts = target_counts(run.data.train_batches(0), run.data.num_items)  # [N]
     log.info("%s: best.pt (epoch %s) on %s by training-target count %s", run_dir, run.epoch, split, list(edges))
     return evaluate_by_popularity(run.model, run.data.eval_batches(split), counts, edges, dev,
-                                  tuple(int(k) for k in ks), ties)
+                                  tuple(int(k) for k in ks), ties, run.policy)
