@@ -19,12 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
+from missrec.cli import add_debug_flag, launch
 from missrec.data.atomic import load_domain
 from missrec.data.shards import write_domain_shards
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--data-root", required=True, help="folder with the domain's atomic files")
     p.add_argument("--domain", required=True, help="domain name, the file prefix (e.g. Scientific)")
     p.add_argument("--out", required=True, help="output folder for this domain, e.g. shards/Scientific")
@@ -68,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -2,7 +2,7 @@
 metric); prints a Markdown table, then the comparison as JSON on the last line.
 
     python launcher/compare.py --runs runs/ind-s2020 runs/ind-s1 runs/ind-s2 \\
-        --baseline docs/benchmarks/official_inductive.json --labels ours,official
+        --baseline docs/benchmarks/official_code_inductive.json --labels ours,official
     python launcher/compare.py --runs runs/a-s* --baseline runs/b-s* --split valid
     python launcher/compare.py --runs ... --baseline ... --margin 0.005   # + a non-inferiority test
 
@@ -16,11 +16,13 @@ import argparse
 import json
 import sys
 
+from missrec.cli import add_debug_flag, launch
 from missrec.eval.seeds import METRICS, compare_groups, comparison_json, load_group, render_comparison
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--runs", nargs="+", required=True, help="the first group's sources")
     p.add_argument("--baseline", nargs="+", required=True, help="the second group's sources")
     p.add_argument("--split", choices=["test", "valid"], default="test")
@@ -33,12 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) != 2:
         p.error(f"--labels needs two comma-separated names, got {args.labels!r}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    try:
-        a, b = load_group(args.runs, args.split), load_group(args.baseline, args.split)
-        results = compare_groups(a, b, metrics, args.margin)
-    except (FileNotFoundError, ValueError) as e:
-        sys.stderr.write(f"compare.py: error: {e}\n")
-        return 2
+    a, b = load_group(args.runs, args.split), load_group(args.baseline, args.split)
+    results = compare_groups(a, b, metrics, args.margin)
     print(render_comparison(results, labels))
     print(json.dumps({"labels": labels, "split": args.split, "margin": args.margin,
                       "metrics": comparison_json(results)}))
@@ -46,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

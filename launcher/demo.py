@@ -11,11 +11,13 @@ import argparse
 import logging
 import sys
 
+from missrec.cli import add_debug_flag, launch
 from missrec.transfer.demo import DemoConfig, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=DemoConfig.epochs, help="fine-tuning epochs per job")
     p.add_argument("--pretrain-epochs", type=int, default=DemoConfig.pretrain_epochs)
@@ -38,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

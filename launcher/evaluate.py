@@ -13,13 +13,14 @@ import json
 import logging
 import sys
 
-from missrec.errors import ConfigError
+from missrec.cli import add_debug_flag, launch
 from missrec.eval.metrics import TIE_RULES
 from missrec.transfer.rescore import rescore_by_popularity, rescore_run
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--run", required=True, help="a fine-tuning run folder (config.json, best.pt)")
     p.add_argument("--ks", default="10,50", help="comma-separated cutoffs (default 10,50)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
@@ -37,18 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--ks and --by-popularity must be comma-separated integers, got {args.ks!r}, {args.by_popularity!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        if edges is None:
-            metrics = rescore_run(args.run, ks, args.split, args.data_root, args.device, args.ties)
-        else:
-            metrics = {"edges": edges, "buckets": rescore_by_popularity(
-                args.run, edges, ks, args.split, args.data_root, args.device, args.ties)}
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        sys.stderr.write(f"evaluate.py: error: {e}\n")
-        return 2
+    if edges is None:
+        metrics = rescore_run(args.run, ks, args.split, args.data_root, args.device, args.ties)
+    else:
+        metrics = {"edges": edges, "buckets": rescore_by_popularity(
+            args.run, edges, ks, args.split, args.data_root, args.device, args.ties)}
     print(json.dumps({"run": args.run, "split": args.split, "ties": args.ties, **metrics}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -11,11 +11,13 @@ import json
 import logging
 import sys
 
+from missrec.cli import add_debug_flag, launch
 from missrec.train.export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--run", required=True, help="pre-training run folder (its checkpoints/ sub-folder)")
     p.add_argument("--out", required=True, help="consolidated output file")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
@@ -27,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -28,6 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
+from missrec.cli import add_debug_flag, launch
 from missrec.features.encode import EncoderSpec
 from missrec.features.images import FetchConfig
 from missrec.features.job import ExtractConfig, extract_features
@@ -59,6 +60,7 @@ def build_config(args: argparse.Namespace) -> ExtractConfig:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--domain-dir", "--data-root", dest="domain_dir", required=True,
                    help="the domain folder (<D>.items.tsv or <D>.text); image paths are relative to it")
     p.add_argument("--domain", required=True)
@@ -96,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -26,12 +26,14 @@ import json
 import logging
 import sys
 
+from missrec.cli import add_debug_flag, launch
 from missrec.config import RunConfig, build
 from missrec.transfer.finetune import run_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--data-root", required=True, help="folder with the domain's atomic files or shard folder")
     one = p.add_mutually_exclusive_group(required=True)
     one.add_argument("--domain", help="one run on this domain")
@@ -102,23 +104,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fanout(args: argparse.Namespace, base: RunConfig) -> int:
-    from missrec.errors import ConfigError
     from missrec.transfer.fanout import FanoutConfig, run_fanout
 
     for name in ("missrec.transfer.fanout", "missrec.transfer.results"):  # a line per job, even when quiet
         logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        fan = FanoutConfig(
-            domains=tuple(d for d in args.domains.split(",") if d),
-            settings=tuple(s for s in args.settings.split(",") if s),
-            output_dir=args.output_dir, compare_scratch=args.compare_scratch, num_cpus=args.num_cpus,
-            cpus_per_job=args.cpus_per_job, gpus_per_job=args.gpus_per_job, address=args.address,
-            on_config_change=args.on_config_change, progress=not args.quiet,
-        )
-        summary = run_fanout(fan, base)
-    except ConfigError as e:
-        sys.stderr.write(f"finetune.py: error: {e}\n")
-        return 2
+    fan = FanoutConfig(
+        domains=tuple(d for d in args.domains.split(",") if d),
+        settings=tuple(s for s in args.settings.split(",") if s),
+        output_dir=args.output_dir, compare_scratch=args.compare_scratch, num_cpus=args.num_cpus,
+        cpus_per_job=args.cpus_per_job, gpus_per_job=args.gpus_per_job, address=args.address,
+        on_config_change=args.on_config_change, progress=not args.quiet,
+    )
+    summary = run_fanout(fan, base)
     sys.stdout.write(summary["markdown"] + "\n")
     last = {k: summary[k] for k in ("output_dir", "seconds", "counts", "failed")}
     last["results"] = {r["domain"]: r["values"] for r in summary["table"]["rows"]}
@@ -127,4 +124,4 @@ def _fanout(args: argparse.Namespace, base: RunConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -30,6 +30,7 @@ import json
 import logging
 import sys
 
+from missrec.cli import add_debug_flag, launch
 from missrec.data.prepare import (
     PrepareConfig,
     prepare_amazon,
@@ -38,7 +39,6 @@ from missrec.data.prepare import (
     prepare_unisrec,
 )
 from missrec.data.prepare_merge import export_interactions, merge_domains
-from missrec.errors import ConfigError, DataFormatError
 
 
 def _common(p: argparse.ArgumentParser, default_k: int) -> None:
@@ -98,33 +98,31 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--domain", required=True)
     e.add_argument("--out", required=True, help="folder for DOMAIN.interactions.csv and DOMAIN.items.tsv")
     e.add_argument("--quiet", action="store_true")
+    for sp in sub.choices.values():
+        add_debug_flag(sp)
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
-    try:
-        if args.cmd == "export":
-            result = export_interactions(args.data_root, args.domain, args.out, progress=not args.quiet)
+    if args.cmd == "export":
+        result = export_interactions(args.data_root, args.domain, args.out, progress=not args.quiet)
+    else:
+        cfg = _config(args)
+        if args.cmd == "amazon":
+            result = prepare_amazon(args.ratings, args.meta, args.domain, args.out, cfg)
+        elif args.cmd == "generic":
+            result = prepare_generic(args.interactions, args.items, args.domain, args.out, cfg)
+        elif args.cmd == "unisrec":
+            result = prepare_unisrec(args.inter, args.items, args.domain, args.out, cfg,
+                                     args.drop_textless)
+        elif args.cmd == "sequences":
+            result = prepare_sequences(args.sequences, args.names, args.domain, args.out, cfg,
+                                       args.drop_textless)
         else:
-            cfg = _config(args)
-            if args.cmd == "amazon":
-                result = prepare_amazon(args.ratings, args.meta, args.domain, args.out, cfg)
-            elif args.cmd == "generic":
-                result = prepare_generic(args.interactions, args.items, args.domain, args.out, cfg)
-            elif args.cmd == "unisrec":
-                result = prepare_unisrec(args.inter, args.items, args.domain, args.out, cfg,
-                                         args.drop_textless)
-            elif args.cmd == "sequences":
-                result = prepare_sequences(args.sequences, args.names, args.domain, args.out, cfg,
-                                           args.drop_textless)
-            else:
-                result = merge_domains(args.inputs, args.domain, args.out, cfg)
-    except (DataFormatError, ConfigError, FileNotFoundError) as err:
-        print(f"prepare_data: error: {err}", file=sys.stderr)
-        return 2
+            result = merge_domains(args.inputs, args.domain, args.out, cfg)
     print(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -19,12 +19,14 @@ import logging
 import os
 import sys
 
+from missrec.cli import add_debug_flag, launch
 from missrec.config import PretrainConfig, build
 from missrec.train.pretrain import run_pretrain
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON with engine settings (cluster_configs/zero{1,2,3}.json, bf16.json)")
     p.add_argument("--data", action="append", default=[],
@@ -60,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -17,12 +17,14 @@ import os
 import sys
 from dataclasses import replace
 
+from missrec.cli import add_debug_flag, launch
 from missrec.config import merge, parse_overrides
 from missrec.transfer.experiment import QUICK, TransferConfig, run_transfer
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(p)
     p.add_argument("--quick", action="store_true", help="a slice of every domain and a tiny model (about 3 min)")
     p.add_argument("--out", default=None, help="run folder (default runs/transfer, runs/transfer-quick)")
     p.add_argument("--sources", default=None,
@@ -52,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(main))

@@ -22,11 +22,18 @@ import torch
 from torch import nn
 
 from missrec.config import PretrainConfig, RunConfig, build
-from missrec.data.atomic import INTER_HEADER, TEXT_HEADER, Domain, Split, load_domain, read_features
+from missrec.data.atomic import (
+    INTER_HEADER,
+    ITEM_TABLE_HEADER,
+    TEXT_HEADER,
+    Domain,
+    Split,
+    load_domain,
+    read_features,
+)
 from missrec.data.prepare import PrepareConfig, prepare_amazon, prepare_generic
 from missrec.data.shards import MANIFEST, ShardError, ShardSource, shards_exist, write_domain_shards
-from missrec.data.synthetic import ITEM_TABLE_HEADER
-from missrec.errors import ConfigError, DataFormatError
+from missrec.errors import ConfigError, DataFormatError, InputError
 from missrec.features.chunks import ChunkRange, ChunkStore
 from missrec.features.items import read_item_source
 from missrec.io import sha256_file
@@ -330,9 +337,12 @@ def adapter(damage: str) -> Make:
 
 
 def _missrec(hidden: int = 8) -> MISSRec:
+    from missrec.config import MISSRecConfig
+    from missrec.models.build import missrec_from_config
+
     torch.manual_seed(0)
     feats = [np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)]
-    return MISSRec(10, feats, hidden=hidden, max_len=5, heads=2, inner=16)
+    return missrec_from_config(MISSRecConfig(hidden=hidden, heads=2, inner=16), 10, feats, max_len=5, seed=0)
 
 
 def backbone(obj: Callable[[], object], truncate: bool = False) -> Make:
@@ -438,7 +448,7 @@ CASES = [
     case("items-tsv-fields", DFE, 3, "expected 3 tab-separated fields", items_tsv(["a\tA\t", "b\tB"])),
     case("items-tsv-bad-item2index", DFE, 2, "raw_id<TAB>index",
          items_tsv(["a\tA\t"], index="a\t0\nb\n", bad="item2index")),
-    case("chunk-checksum", RuntimeError, None, "chunk 0 is missing or corrupt", chunk_checksum),
+    case("chunk-checksum", InputError, None, "chunk 0 is missing or corrupt", chunk_checksum),
     # shards and manifests
     case("shard-no-manifest", DFE, None, "missing shard manifest", shards(_no_manifest)),
     case("shard-manifest-bad-json", DFE, 4, "malformed manifest", shards(_manifest_line4_bad)),
@@ -484,7 +494,7 @@ CASES = [
     case("adapter-other-model", ValueError, None, "parameters the model does not", adapter("other_model")),
     case("adapter-truncated", ValueError, None, "unreadable", adapter("truncated")),
     case("backbone-other-model", ValueError, None, "lacks backbone parameters",
-         backbone(lambda: {"model": SASRec(10, 5, 8, 1, 2, 16).state_dict()})),
+         backbone(lambda: {"model": SASRec(10, max_len=5, hidden=8, layers=1, heads=2, inner=16, dropout=0.5, attn_dropout=0.5).state_dict()})),
     case("backbone-other-size", ValueError, None, "lacks backbone parameters",
          backbone(lambda: _missrec(hidden=16).state_dict())),
     case("backbone-not-a-state-dict", ValueError, None, "not a state dict", backbone(lambda: torch.zeros(3))),

@@ -158,7 +158,7 @@ def test_fanout_failure_then_rerun(synthetic_root, tmp_path, caplog, capsys, mon
     assert office["status"] == {"transductive": "failed", "sasrec": "ok"}
     assert office["values"]["sasrec N@10"] > 0 and office["values"]["transductive N@10"] is None
     failed = next(j for j in res["jobs"] if j["status"] == "failed")
-    assert "Office.feat3CLS" in failed["error"] and "FileNotFoundError" in failed["log_tail"]
+    assert "Office.feat3CLS" in failed["error"] and "MissingInputError" in failed["log_tail"]
     assert "Traceback" in (runs / "Office" / "transductive" / LOG_NAME).read_text()
     md = (runs / "results.md").read_text()
     assert "| Office | failed | failed | failed | failed |" in md and "Office.feat3CLS" in md

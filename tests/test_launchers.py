@@ -60,8 +60,40 @@ def test_finetune_launcher_prints_metrics_json_last(synthetic_root, tmp_path):
 
 def test_evaluate_launcher_names_a_missing_run(tmp_path):
     proc = _run("launcher/evaluate.py", "--run", str(tmp_path / "nowhere"))
-    assert proc.returncode != 0
-    assert "nowhere/config.json: not found" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path / 'nowhere' / 'config.json'}: not found; is {tmp_path / 'nowhere'} " \
+                          "a fine-tuning run folder?\n"  # one line, no traceback
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback_of_a_toolkit_error(tmp_path, how):
+    import os
+
+    env = {**os.environ, "MISSREC_DEBUG": "1"} if how == "env" else None
+    proc = subprocess.run([sys.executable, "launcher/evaluate.py", "--run", str(tmp_path / "nowhere"),
+                           *(["--debug"] if how == "flag" else [])], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False, env=env)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert "MissingInputError: " in proc.stderr and "nowhere/config.json: not found" in proc.stderr
+
+
+def test_launch_prints_toolkit_errors_and_keeps_tracebacks_of_bugs(capsys, monkeypatch):
+    from missrec.cli import launch
+    from missrec.errors import ConfigError
+
+    def bad_config(argv):
+        raise ConfigError("unknown key 'train.epoch'; known: train.epochs")
+
+    def bug(argv):
+        raise KeyError("a bug")
+
+    monkeypatch.delenv("MISSREC_DEBUG", raising=False)
+    assert launch(bad_config, []) == 2
+    assert capsys.readouterr().err == "error: unknown key 'train.epoch'; known: train.epochs\n"
+    with pytest.raises(ConfigError):
+        launch(bad_config, ["--debug"])
+    with pytest.raises(KeyError):
+        launch(bug, [])
 
 
 def test_finetune_launcher_bad_input_names_file(tmp_path):
@@ -70,8 +102,8 @@ def test_finetune_launcher_bad_input_names_file(tmp_path):
         (tmp_path / f"D.{split}.inter").write_text("user_id:token\titem_id_list:token_seq\titem_id:token\n0\t1\t2\n")
     proc = _run("launcher/finetune.py", "--data-root", str(tmp_path), "--domain", "D", "--output-dir",
                 str(tmp_path / "run"), "--quiet")
-    assert proc.returncode != 0
-    assert f"{tmp_path / 'D.train.inter'}:1: wrong header" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {tmp_path / 'D.train.inter'}:1: wrong header" in proc.stderr
 
 
 def test_build_shards_launcher(synthetic_root, tmp_path):

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from missrec.data.atomic import load_domain, read_inter
+from missrec.cli import launch
+from missrec.data.atomic import load_domain, load_item_table, read_inter
 from missrec.data.prepare import PrepareConfig, build_domain, prepare_amazon, prepare_generic
 from missrec.data.prepare_merge import export_interactions, load_prepared, merge_domains
 from missrec.data.raw_amazon import clean_field
 from missrec.data.raw_common import InteractionBuilder, ItemInfo
-from missrec.data.synthetic import load_item_table
 from missrec.errors import DataFormatError
 from missrec.io import sha256_file
 
@@ -403,26 +403,26 @@ def test_launcher_main_in_process(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     r, m = _amazon_raw(tmp_path, gz=True)
-    rc = mod.main(["amazon", "--ratings", str(r), "--meta", str(m), "--domain", "Sci", "--out", str(tmp_path / "d"),
+    rc = launch(mod.main, ["amazon", "--ratings", str(r), "--meta", str(m), "--domain", "Sci", "--out", str(tmp_path / "d"),
                    "--quiet"])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0
     summary = json.loads(out[-1])
     assert summary == json.loads((tmp_path / "d" / "Sci" / "Sci.prepare.json").read_text())
     assert summary["config"]["user_k"] == 5 and summary["users"] == 6
-    rc = mod.main(["export", "--data-root", str(tmp_path / "d" / "Sci"), "--domain", "Sci", "--out",
+    rc = launch(mod.main, ["export", "--data-root", str(tmp_path / "d" / "Sci"), "--domain", "Sci", "--out",
                    str(tmp_path / "raw"), "--quiet"])
     exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and exported["interactions"] == 36
-    rc = mod.main(["generic", "--interactions", exported["interactions_csv"], "--items", exported["items_table"],
+    rc = launch(mod.main, ["generic", "--interactions", exported["interactions_csv"], "--items", exported["items_table"],
                    "--domain", "Sci", "--out", str(tmp_path / "again"), "--k", "0", "--quiet"])
     assert rc == 0 and _files(tmp_path / "again" / "Sci", "Sci")["train.inter"] == _files(
         tmp_path / "d" / "Sci", "Sci")["train.inter"]
-    rc = mod.main(["merge", "--inputs", str(tmp_path / "d" / "Sci"), str(tmp_path / "again" / "Sci"),
+    rc = launch(mod.main, ["merge", "--inputs", str(tmp_path / "d" / "Sci"), str(tmp_path / "again" / "Sci"),
                    "--domain", "P", "--out", str(tmp_path / "d"), "--quiet"])
     assert rc == 2 and "distinct" in capsys.readouterr().err  # both are named Sci
     bad = _write(tmp_path / "bad.csv", "I0,U0\n")
-    rc = mod.main(["amazon", "--ratings", str(bad), "--meta", str(m), "--domain", "Sci", "--out", str(tmp_path / "e"),
+    rc = launch(mod.main, ["amazon", "--ratings", str(bad), "--meta", str(m), "--domain", "Sci", "--out", str(tmp_path / "e"),
                    "--quiet"])
     assert rc == 2 and f"{bad}:1:" in capsys.readouterr().err
 

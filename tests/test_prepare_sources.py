@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from missrec.cli import launch
 from missrec.data.atomic import INTER_HEADER
 from missrec.data.prepare import (
     SOURCE_DEFAULTS,
@@ -241,20 +242,20 @@ def test_launcher_sequences_and_unisrec(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     s, n = _sequences(tmp_path / "raw")
-    rc = mod.main(["sequences", "--sequences", str(s), "--names", str(n), "--domain", "D", "--out",
+    rc = launch(mod.main, ["sequences", "--sequences", str(s), "--names", str(n), "--domain", "D", "--out",
                    str(tmp_path / "a"), "--quiet"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and summary["users"] == 3 and summary["config"]["item_k"] == 0
     i, t = _unisrec(tmp_path / "u", *_int_ids())
-    rc = mod.main(["unisrec", "--inter", str(i), "--items", str(t), "--domain", "D", "--out",
+    rc = launch(mod.main, ["unisrec", "--inter", str(i), "--items", str(t), "--domain", "D", "--out",
                    str(tmp_path / "b"), "--quiet", "--k", "2"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and summary["config"]["user_k"] == 2 and summary["kind"] == "unisrec"
     _write(n, "A1 apple\n")
-    rc = mod.main(["sequences", "--sequences", str(s), "--names", str(n), "--domain", "D", "--out",
+    rc = launch(mod.main, ["sequences", "--sequences", str(s), "--names", str(n), "--domain", "D", "--out",
                    str(tmp_path / "c"), "--quiet"])
     assert rc == 2 and f"{s}:1: item 'B2' has no text" in capsys.readouterr().err
-    rc = mod.main(["sequences", "--sequences", str(s), "--names", str(n), "--domain", "D", "--out",
+    rc = launch(mod.main, ["sequences", "--sequences", str(s), "--names", str(n), "--domain", "D", "--out",
                    str(tmp_path / "c"), "--quiet", "--drop-textless"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and summary["users"] == 0 and summary["dropped"]["short_history"] == 3  # A1 of u1, u3, u4
@@ -277,7 +278,7 @@ def test_build_shards_reads_features_from_feature_dir(tmp_path, capsys):
             "--features", "minilm", "--quiet"]
     with pytest.raises(FileNotFoundError, match="D.minilm"):
         mod.main(args)
-    assert mod.main([*args, "--feature-dir", str(tmp_path / "feat")]) == 0
+    assert launch(mod.main, [*args, "--feature-dir", str(tmp_path / "feat")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["features"] == {"minilm": 4} and summary["splits"]["train"]["rows"] == s["rows"]["train"]
     np.testing.assert_array_equal(np.asarray(ShardSource(tmp_path / "shards").features("minilm")), feats)

@@ -165,4 +165,4 @@ def test_compare_launcher(tmp_path):
     assert proc.returncode == 2 and "margin must be a finite number >= 0" in proc.stderr
     proc = subprocess.run([sys.executable, "launcher/compare.py", "--runs", str(tmp_path / "x"), "--baseline", b],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 2 and "compare.py: error:" in proc.stderr and "metrics.json" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "metrics.json" in proc.stderr

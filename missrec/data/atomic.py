@@ -7,6 +7,8 @@ A domain ``D`` in folder ``root`` is a set of files:
   user index, space-separated history of item indices (oldest first), target item index.
 - ``D.item2index`` / ``D.user2index``: ``raw_id<TAB>index`` (dense, 0-based).
 - ``D.text``: header ``item_id:token<TAB>text:token_seq``, then ``raw_item_id<TAB>text``.
+- ``D.items.tsv`` (the prepared or synthetic catalogue's item table, input to feature extraction): header
+  ``item_id<TAB>text<TAB>image``, then the raw item id, its text and its image path (empty: none).
 - ``D.<suffix>`` feature files (``feat1CLS`` text, ``feat3CLS`` image, ...): raw little-endian float32,
   row ``i`` = item ``i``; an all-zero row means the modality is missing for that item.
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from missrec.errors import DataFormatError
+from missrec.errors import ConfigError, DataFormatError, InputError, MissingInputError
 from missrec.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
 TEXT_HEADER = "item_id:token\ttext:token_seq"
 SPLITS = ("train", "valid", "test")
+ITEM_TABLE_HEADER = "item_id\ttext\timage"
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ def load_domain(
     root = Path(root)
     prefix = root / name
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such data folder")
+        raise MissingInputError(f"{root}: no such data folder")
     item_ids = read_index_map(Path(f"{prefix}.item2index")) if Path(f"{prefix}.item2index").exists() else None
     user_ids = read_index_map(Path(f"{prefix}.user2index")) if Path(f"{prefix}.user2index").exists() else None
     num_items = len(item_ids) if item_ids is not None else None
@@ -289,7 +292,7 @@ def load_domain(
     for split in SPLITS:
         p = Path(f"{prefix}.{split}.inter")
         if not p.exists():
-            raise FileNotFoundError(f"{p}: missing split file of domain {name!r}")
+            raise MissingInputError(f"{p}: missing split file of domain {name!r}")
         splits[split] = read_inter(p, num_items, max_len)
     if num_items is None:
         num_items = 1 + max(int(max(s.items.max(initial=-1), s.targets.max(initial=-1))) for s in splits.values())
@@ -298,7 +301,7 @@ def load_domain(
     for suffix in feature_suffixes:
         p = (Path(feature_dir) / f"{name}.{suffix}") if feature_dir else Path(f"{prefix}.{suffix}")
         if not p.exists():
-            raise FileNotFoundError(f"{p}: feature file {suffix!r} of domain {name!r} not found")
+            raise MissingInputError(f"{p}: feature file {suffix!r} of domain {name!r} not found")
         features[suffix] = read_features(p, num_items, (feature_dims or {}).get(suffix))
     dom = Domain(name, root, num_items, num_users, splits, item_ids, user_ids, texts, features)
     log.info(
@@ -345,18 +348,18 @@ def write_features(path: str | Path, feats: np.ndarray, dtype: str = "float32") 
     of rows at a time (a memory-mapped table is never copied whole). float16 halves the table; values beyond its
     range (65504) are refused rather than turned into inf."""
     if dtype not in FEATURE_DTYPES:
-        raise ValueError(f"feature dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"feature dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
     if np.ndim(feats) != 2:
-        raise ValueError(f"features must be 2-D [num_items, dim], got shape {np.shape(feats)}")
+        raise InputError(f"features must be 2-D [num_items, dim], got shape {np.shape(feats)}")
     step = max(1, (1 << 24) // max(1, np.shape(feats)[1]))
     with atomic_open(path, "wb") as fh:
         for s in range(0, np.shape(feats)[0], step):
             src = np.asarray(feats[s : s + step])
             if not np.isfinite(src).all():
-                raise ValueError(f"refusing to write NaN/inf features to {path}")
+                raise InputError(f"refusing to write NaN/inf features to {path}")
             block = np.ascontiguousarray(src, dtype=FEATURE_DTYPES[dtype])
             if not np.isfinite(block).all():
-                raise ValueError(f"features of {path} exceed the {dtype} range (|x| > 65504): store them as float32")
+                raise InputError(f"features of {path} exceed the {dtype} range (|x| > 65504): store them as float32")
             fh.write(block.tobytes())
 
 
@@ -364,13 +367,30 @@ def _clean_field(text: str) -> str:
     return " ".join(text.replace("\t", " ").split())
 
 
+def load_item_table(path: str | Path) -> list[tuple[str, str, str]]:
+    """Read ``<D>.items.tsv`` into ``[(item_id, text, image_rel_path_or_empty), ...]`` in file order."""
+    path = Path(path)
+    out: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for lineno, (raw, text, image) in iter_table(path, ITEM_TABLE_HEADER, 3, "item_id, text, image"):
+        if not raw:
+            raise DataFormatError(path, "empty item_id", lineno)
+        if raw in seen:
+            raise DataFormatError(path, f"item {raw!r} appears twice", lineno)
+        seen.add(raw)
+        out.append((raw, text, image))
+    return out
+
+
 __all__ = [
     "FEATURE_DTYPES",
     "INTER_HEADER",
+    "ITEM_TABLE_HEADER",
     "TEXT_HEADER",
     "Domain",
     "Split",
     "load_domain",
+    "load_item_table",
     "read_features",
     "read_index_map",
     "read_inter",

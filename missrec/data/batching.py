@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from missrec.data.atomic import Split
+from missrec.errors import InputError
 
 PAD = 0
 DEFAULT_MAX_LEN = 50
@@ -75,7 +76,7 @@ def collate(
     for i, (u, hist, t) in enumerate(rows):
         h = np.asarray(hist, dtype=np.int64)[-max_len:]
         if h.size == 0:
-            raise ValueError(f"row {i} (user {u}) has an empty history")
+            raise InputError(f"row {i} (user {u}) has an empty history")
         seq[i, : h.size] = h + 1
         seq_len[i] = h.size
         target[i] = t

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from missrec.data.atomic import FEATURE_DTYPES, read_features
+from missrec.data.shards import ShardSource
 from missrec.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,6 @@ class FeatureStore:
     @classmethod
     def from_folders(cls, folders: Sequence[str | Path], suffixes: Sequence[str]) -> FeatureStore:
         """The tables ``suffixes`` (one modality each) of the shard folders ``folders``, in that order."""
-        from missrec.data.shards import ShardSource
-
         sources = [ShardSource(f) for f in folders]
         tables = []
         for suffix in suffixes:

@@ -43,10 +43,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from missrec.data.atomic import INTER_HEADER, SPLITS, TEXT_HEADER, write_index_map
+from missrec.data.atomic import INTER_HEADER, ITEM_TABLE_HEADER, SPLITS, TEXT_HEADER, write_index_map
+from missrec.data.raw_amazon import read_amazon
 from missrec.data.raw_common import ItemInfo, RawCatalogue, is_url
-from missrec.data.synthetic import ITEM_TABLE_HEADER  # the same item table layout as the synthetic catalogue
-from missrec.errors import ConfigError
+from missrec.data.raw_generic import read_generic
+from missrec.data.raw_sources import read_sequences, read_unisrec
+from missrec.errors import ConfigError, MissingInputError
 from missrec.io import atomic_open, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -310,8 +312,6 @@ def _malformed(stats: object) -> int:
 def prepare_amazon(ratings: str | Path, meta: str | Path, domain: str, out_dir: str | Path,
                    cfg: PrepareConfig = PrepareConfig()) -> dict:
     """Amazon Review Data (2018) ratings CSV + metadata JSON lines -> ``out_dir/<domain>/``; the summary."""
-    from missrec.data.raw_amazon import read_amazon
-
     t0 = time.perf_counter()
     check_domain_name(domain)
     cat = read_amazon(ratings, meta, cfg.max_field_chars, cfg.require_title, cfg.skip_malformed, cfg.progress)
@@ -321,8 +321,6 @@ def prepare_amazon(ratings: str | Path, meta: str | Path, domain: str, out_dir: 
 def prepare_generic(interactions: str | Path, items: str | Path, domain: str, out_dir: str | Path,
                     cfg: PrepareConfig = PrepareConfig()) -> dict:
     """Interactions CSV (``user,item,timestamp``) + item table (``item_id,text[,image]``) -> a domain."""
-    from missrec.data.raw_generic import read_generic
-
     t0 = time.perf_counter()
     check_domain_name(domain)
     cat = read_generic(interactions, items, cfg.skip_malformed, cfg.progress)
@@ -335,8 +333,6 @@ SOURCE_DEFAULTS = PrepareConfig(user_k=0, item_k=0)  # published sources are fil
 def prepare_unisrec(inter: str | Path, items: str | Path, domain: str, out_dir: str | Path,
                     cfg: PrepareConfig = SOURCE_DEFAULTS, drop_textless: bool = False) -> dict:
     """A one-row-per-user RecBole ``.inter`` file + its ``.item`` file -> a domain (``raw_sources``)."""
-    from missrec.data.raw_sources import read_unisrec
-
     t0 = time.perf_counter()
     check_domain_name(domain)
     cat = read_unisrec(inter, items, cfg.skip_malformed, drop_textless, cfg.progress)
@@ -346,8 +342,6 @@ def prepare_unisrec(inter: str | Path, items: str | Path, domain: str, out_dir: 
 def prepare_sequences(sequences: str | Path, names: str | Path, domain: str, out_dir: str | Path,
                       cfg: PrepareConfig = SOURCE_DEFAULTS, drop_textless: bool = False) -> dict:
     """``user_sequence.txt`` + ``item_names.txt`` -> a domain (see ``missrec.data.raw_sources``)."""
-    from missrec.data.raw_sources import read_sequences
-
     t0 = time.perf_counter()
     check_domain_name(domain)
     cat = read_sequences(sequences, names, cfg.skip_malformed, drop_textless, cfg.progress)
@@ -370,7 +364,7 @@ def prepared_domains(paths: Sequence[str | Path]) -> list[tuple[str, Path, str]]
         else:
             found = sorted(Path(folder).glob("*.train.inter"))
             if len(found) != 1:
-                raise FileNotFoundError(f"{folder}: expected one <D>.train.inter, found {[p.name for p in found]}")
+                raise MissingInputError(f"{folder}: expected one <D>.train.inter, found {[p.name for p in found]}")
             name = found[0].name.removesuffix(".train.inter")
         out.append((check_domain_name(label or name), Path(folder), name))
     return out

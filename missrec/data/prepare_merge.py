@@ -20,10 +20,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from missrec.data.atomic import SPLITS, TEXT_HEADER, Split, iter_table, read_index_map, read_inter
+from missrec.data.atomic import (
+    ITEM_TABLE_HEADER,
+    SPLITS,
+    TEXT_HEADER,
+    Split,
+    iter_table,
+    load_item_table,
+    read_index_map,
+    read_inter,
+)
 from missrec.data.prepare import PrepareConfig, check_domain_name, finish, prepared_domains
 from missrec.data.raw_common import ItemInfo, RawCatalogue, describe_input, is_url
-from missrec.data.synthetic import ITEM_TABLE_HEADER, load_item_table
 from missrec.errors import ConfigError, DataFormatError
 from missrec.io import atomic_open
 

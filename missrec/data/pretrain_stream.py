@@ -35,7 +35,10 @@ import torch
 
 from missrec.data.feature_store import FeatureStore
 from missrec.data.pretrain_batch import PretrainBatch, Record, assemble
+from missrec.data.shard_stream import _read_shards, _seeded_shuffle, _shard_list, _ShardErrorHandler
+from missrec.data.shards import ShardSource
 from missrec.errors import ConfigError
+from missrec.interests.tables import InterestTables
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,6 @@ class PretrainData:
         group_batches: int = 32,
         skip_bad_shards: bool = False,
     ) -> None:
-        from missrec.data.shards import ShardSource
-
         if not folders:
             raise ConfigError("pre-training needs at least one domain folder (--data)")
         if weights and len(weights) != len(folders):
@@ -177,8 +178,6 @@ class _StepStream(torch.utils.data.IterableDataset):
         self.start_step, self.interest_dir = start_step, interest_dir
 
     def __iter__(self) -> Iterator[PretrainBatch]:
-        from missrec.interests.tables import InterestTables
-
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         tables = InterestTables(self.interest_dir)
@@ -206,9 +205,6 @@ def _records(spec: StreamSpec, d: int, stream: int, epoch: int, worker: int, wor
              ) -> Iterator[tuple[int, Record]]:
     """(pass, record) of domain ``d`` for ``stream``'s reader ``worker``, without end: pass ``p`` reads its
     shards in an order shuffled by (seed, epoch, p)."""
-    from missrec.data.shard_stream import _read_shards, _shard_list, _ShardErrorHandler
-    from missrec.data.shards import ShardSource
-
     source = ShardSource(spec.folders[d])
     shards = source.shard_entries("train")
     readers = spec.total_streams * workers
@@ -233,8 +229,6 @@ def _records(spec: StreamSpec, d: int, stream: int, epoch: int, worker: int, wor
 
 
 def _shuffled(recs: Iterator[Record], spec: StreamSpec, mixed: int, stream: int, worker: int) -> Iterator[Record]:
-    from missrec.data.shard_stream import _seeded_shuffle
-
     # _seeded_shuffle reads the worker from the DataLoader; its (seed, epoch, rank) key is completed here
     yield from _seeded_shuffle(recs, spec.shuffle_buffer, spec.seed, mixed * 131 + worker, stream, True)
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from missrec.data.atomic import SPLITS, Domain, Split, write_features, write_index_map, write_text
 from missrec.data.shard_format import _SHARD_RE, FORMAT, FORMAT_VERSION, MANIFEST, SAMPLE_EXT
+from missrec.errors import ConfigError, InputError
 from missrec.io import _fsync_dir, atomic_open, replace_folder, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def write_domain_shards(
     (an earlier shard set): anything else is refused rather than deleted. Returns the manifest.
     """
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     missing = [s for s in feature_suffixes if s not in domain.features]
     if missing:
         raise KeyError(
@@ -123,60 +124,14 @@ def write_domain_shards(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     manifest_path = out_dir / MANIFEST
-    # fixed member mtime: the same domain gives byte-identical shards (same sha256); an int, because a
-    # float mtime costs a PAX header (512 bytes more) per member
-    mtime = 0
     t0 = time.time()
-
     # item tables first, then shards, then the manifest
-    features = {}
-    for suffix in feature_suffixes:
-        arr = np.asarray(domain.features[suffix])
-        if arr.ndim != 2 or arr.shape[0] != domain.num_items:
-            raise ValueError(
-                f"feature table {suffix!r} has shape {arr.shape}, expected [{domain.num_items}, dim]"
-            )
-        fname = f"{domain.name}.{suffix}"
-        write_features(out_dir / fname, arr, feature_dtype)
-        features[suffix] = {"file": fname, "dim": int(arr.shape[1]), "dtype": feature_dtype,
-                            "sha256": sha256_file(out_dir / fname)}
-    tables = {}
-    item_ids = domain.item_ids
-    if item_ids is not None:
-        fname = f"{domain.name}.item2index"
-        write_index_map(out_dir / fname, item_ids)
-        tables["item2index"] = fname
-    if domain.user_ids is not None:
-        fname = f"{domain.name}.user2index"
-        write_index_map(out_dir / fname, domain.user_ids)
-        tables["user2index"] = fname
-    if domain.texts is not None:
-        fname = f"{domain.name}.text"
-        raw = item_ids if item_ids is not None else [str(i) for i in range(len(domain.texts))]
-        write_text(out_dir / fname, raw, domain.texts)
-        tables["text"] = fname
-    tables = {k: {"file": v, "sha256": sha256_file(out_dir / v)} for k, v in tables.items()}
-
+    features = _write_feature_tables(domain, out_dir, feature_suffixes, feature_dtype)
+    tables = _write_id_tables(domain, out_dir)
     splits: dict[str, Any] = {}
-    max_hist = 0
     for split_name in SPLITS:
-        split = domain.splits[split_name]
-        n = len(split)
-        if n:
-            max_hist = max(max_hist, int(split.lengths.max()))
-        shards = []
-        last = np.zeros(n, dtype=bool)
-        last[split.last_rows_per_user()] = True
-        bar = tqdm(total=n, desc=f"{domain.name}/{split_name}", unit="rows", disable=not show_progress)
-        for k, start in enumerate(range(0, n, samples_per_shard)):
-            stop = min(n, start + samples_per_shard)
-            fname = f"{split_name}-{k:06d}.tar"
-            count, sha, nbytes = _write_shard(out_dir / fname, _split_samples(split_name, split, start, stop, last), mtime)
-            shards.append({"file": fname, "samples": count, "sha256": sha, "bytes": nbytes})
-            bar.update(count)
-        bar.close()
-        splits[split_name] = {"rows": n, "last_rows": int(last.sum()), "shards": shards}
-        log.info("%s/%s: %d rows in %d shards", domain.name, split_name, n, len(shards))
+        splits[split_name] = _write_split(domain, split_name, out_dir, samples_per_shard, show_progress)
+    max_hist = max((int(domain.splits[s].lengths.max()) for s in SPLITS if len(domain.splits[s])), default=0)
     _fsync_dir(out_dir)
 
     manifest = {
@@ -201,3 +156,56 @@ def write_domain_shards(
         {k: (v["rows"], len(v["shards"])) for k, v in splits.items()},
     )
     return manifest
+
+
+def _write_feature_tables(domain: Domain, out_dir: Path, suffixes: Sequence[str], dtype: str) -> dict[str, Any]:
+    features = {}
+    for suffix in suffixes:
+        arr = np.asarray(domain.features[suffix])
+        if arr.ndim != 2 or arr.shape[0] != domain.num_items:
+            raise InputError(f"feature table {suffix!r} has shape {arr.shape}, expected [{domain.num_items}, dim]")
+        fname = f"{domain.name}.{suffix}"
+        write_features(out_dir / fname, arr, dtype)
+        features[suffix] = {"file": fname, "dim": int(arr.shape[1]), "dtype": dtype,
+                            "sha256": sha256_file(out_dir / fname)}
+    return features
+
+
+def _write_id_tables(domain: Domain, out_dir: Path) -> dict[str, Any]:
+    """The raw item / user id maps and the item texts, where the domain has them."""
+    tables = {}
+    item_ids = domain.item_ids
+    if item_ids is not None:
+        tables["item2index"] = f"{domain.name}.item2index"
+        write_index_map(out_dir / tables["item2index"], item_ids)
+    if domain.user_ids is not None:
+        tables["user2index"] = f"{domain.name}.user2index"
+        write_index_map(out_dir / tables["user2index"], domain.user_ids)
+    if domain.texts is not None:
+        tables["text"] = f"{domain.name}.text"
+        raw = item_ids if item_ids is not None else [str(i) for i in range(len(domain.texts))]
+        write_text(out_dir / tables["text"], raw, domain.texts)
+    return {k: {"file": v, "sha256": sha256_file(out_dir / v)} for k, v in tables.items()}
+
+
+def _write_split(domain: Domain, split_name: str, out_dir: Path, samples_per_shard: int, show_progress: bool
+                 ) -> dict[str, Any]:
+    """The shards of one split; its manifest entry."""
+    split = domain.splits[split_name]
+    n = len(split)
+    shards = []
+    last = np.zeros(n, dtype=bool)
+    last[split.last_rows_per_user()] = True
+    # fixed member mtime: the same domain gives byte-identical shards (same sha256); an int, because a
+    # float mtime costs a PAX header (512 bytes more) per member
+    mtime = 0
+    bar = tqdm(total=n, desc=f"{domain.name}/{split_name}", unit="rows", disable=not show_progress)
+    for k, start in enumerate(range(0, n, samples_per_shard)):
+        stop = min(n, start + samples_per_shard)
+        fname = f"{split_name}-{k:06d}.tar"
+        count, sha, nbytes = _write_shard(out_dir / fname, _split_samples(split_name, split, start, stop, last), mtime)
+        shards.append({"file": fname, "samples": count, "sha256": sha, "bytes": nbytes})
+        bar.update(count)
+    bar.close()
+    log.info("%s/%s: %d rows in %d shards", domain.name, split_name, n, len(shards))
+    return {"rows": n, "last_rows": int(last.sum()), "shards": shards}

@@ -74,7 +74,7 @@ from missrec.data.shard_stream import (
     _split_by_worker,
 )
 from missrec.data.shard_writer import write_domain_shards
-from missrec.errors import DataFormatError
+from missrec.errors import ConfigError, DataFormatError
 from missrec.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -210,11 +210,11 @@ class ShardSource:
     ) -> wds.DataPipeline:
         """The WebDataset pipeline behind :meth:`batches` (not wrapped in a DataLoader)."""
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
+            raise ConfigError(f"rank {rank} outside world_size {world_size}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if split_by not in ("auto", "shard", "sample"):
-            raise ValueError(f"split_by must be 'auto', 'shard' or 'sample', got {split_by!r}")
+            raise ConfigError(f"split_by must be 'auto', 'shard' or 'sample', got {split_by!r}")
         shuffle = (split == "train") if shuffle is None else shuffle
         shards = self.shard_entries(split)
         readers = world_size * max(1, num_workers)

@@ -30,14 +30,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from missrec.data.atomic import Split, iter_table, write_index_map, write_inter, write_text
-from missrec.errors import ConfigError, DataFormatError
+from missrec.data.atomic import ITEM_TABLE_HEADER, Split, write_index_map, write_inter, write_text
+from missrec.errors import ConfigError
+from missrec.features.proxy import write_proxy_features
 from missrec.io import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT = "missrec-synthetic/1"
-ITEM_TABLE_HEADER = "item_id\ttext\timage"
 
 _SYLLABLES = ("ka", "lo", "mi", "ren", "tu", "vo", "sha", "del", "pri", "zen", "mar", "qui",
               "bo", "fen", "gal", "ist", "jor", "lux", "nel", "ory", "pax", "rho", "sil", "tam")
@@ -362,8 +362,6 @@ def _write_domain(cfg: SyntheticConfig, out_dir: Path, name: str, vocab: _Vocab)
         for raw, text, rel in zip(item_ids, texts, image_col):
             fh.write(f"{raw}\t{text}\t{rel}\n")
     if cfg.proxy_features:
-        from missrec.features.proxy import write_proxy_features
-
         write_proxy_features(ddir, name, dim=cfg.proxy_dim)
     lens = [len(s) for s in seqs]
     return {
@@ -395,19 +393,4 @@ def generate_catalogue(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConf
     return summary
 
 
-def load_item_table(path: str | Path) -> list[tuple[str, str, str]]:
-    """Read ``<D>.items.tsv`` into ``[(item_id, text, image_rel_path_or_empty), ...]`` in file order."""
-    path = Path(path)
-    out: list[tuple[str, str, str]] = []
-    seen: set[str] = set()
-    for lineno, (raw, text, image) in iter_table(path, ITEM_TABLE_HEADER, 3, "item_id, text, image"):
-        if not raw:
-            raise DataFormatError(path, "empty item_id", lineno)
-        if raw in seen:
-            raise DataFormatError(path, f"item {raw!r} appears twice", lineno)
-        seen.add(raw)
-        out.append((raw, text, image))
-    return out
-
-
-__all__ = ["ITEM_TABLE_HEADER", "SyntheticConfig", "generate_catalogue", "load_item_table"]
+__all__ = ["SyntheticConfig", "generate_catalogue"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from missrec.errors import ConfigError, InputError
 from missrec.io import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class ChunkRange:
 def plan_chunks(num_items: int, chunk_size: int) -> list[ChunkRange]:
     """Split ``0..num_items-1`` into consecutive chunks of ``chunk_size`` (the last may be shorter)."""
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     return [ChunkRange(k, s, min(s + chunk_size, num_items)) for k, s in enumerate(range(0, num_items, chunk_size))]
 
 
@@ -109,10 +110,10 @@ class ChunkStore:
         })
 
     def load(self, chunk: ChunkRange) -> tuple[dict[str, np.ndarray], dict]:
-        """The chunk's tables and stats, checksums verified; ``RuntimeError`` when it is not done."""
+        """The chunk's tables and stats, checksums verified; ``InputError`` when it is missing or corrupt."""
         got = self._load(chunk)
         if got is None:
-            raise RuntimeError(f"{self._meta_path(chunk.index)}: chunk {chunk.index} is missing or corrupt")
+            raise InputError(f"{self._meta_path(chunk.index)}: chunk {chunk.index} is missing or corrupt")
         return got
 
     def _load(self, chunk: ChunkRange, check_only: bool = False) -> tuple[dict[str, np.ndarray], dict] | None:

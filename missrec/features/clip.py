@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from missrec.errors import ConfigError, missing_extra
-from missrec.io import sha256_file
+from missrec.io import atomic_open, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,6 @@ def make_tiny_clip(folder: str | Path, name: str = "MissrecTinyCLIP", seed: int 
     """For tests and benchmarks: write a tiny architecture ``<folder>/<name>.json`` and a randomly
     initialised checkpoint ``<folder>/<name>.pt`` for it. Returns (config path, checkpoint path)."""
     import torch
-
-    from missrec.io import atomic_open, write_json
 
     folder = Path(folder)
     cfg_path, ckpt = folder / f"{name}.json", folder / f"{name}.pt"

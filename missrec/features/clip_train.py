@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from missrec.errors import InputError
+from missrec.features.clip import register_model_config
 from missrec.io import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,6 @@ def fit_demo_clip(
 ) -> tuple[Path, Path]:
     """Train ``name`` (architecture :data:`DEMO_CLIP_CONFIG`) on ``pairs`` of (text, image file or None);
     pairs without an image train the text tower only through the others. Returns (config, checkpoint)."""
-    from missrec.features.clip import register_model_config
-
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - a core dependency
@@ -56,7 +56,7 @@ def fit_demo_clip(
     tokenizer = open_clip.get_tokenizer(name)
     with_image = [(t, Path(p)) for t, p in pairs if p]
     if len(with_image) < 2:
-        raise ValueError("fitting the demo CLIP needs at least 2 items with images")
+        raise InputError("fitting the demo CLIP needs at least 2 items with images")
     t0 = time.perf_counter()
     images = torch.stack([preprocess(Image.open(p).convert("RGB")) for _, p in with_image])  # [N, 3, H, W]
     tokens = tokenizer([t for t, _ in with_image])  # [N, context]

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from missrec.errors import ConfigError
+from missrec.features.clip import ClipEncoder, ClipSpec
 from missrec.features.images import FetchConfig, open_image
+from missrec.features.text import SentenceEncoder
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +85,10 @@ class ChunkEncoder:
 
             torch.set_num_threads(spec.torch_threads)
         if spec.backend == "open_clip":
-            from missrec.features.clip import ClipEncoder, ClipSpec
-
             self._clip = ClipEncoder(ClipSpec(spec.model, spec.pretrained, spec.model_config, spec.precision),
                                      self.device)
             self.dim = self._clip.dim
         else:
-            from missrec.features.text import SentenceEncoder
-
             self._st = SentenceEncoder(spec.model, device=self.device, normalize=False)
             self.dim = self._st.dim
 

@@ -14,9 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from missrec.data.atomic import iter_table, read_index_map, read_text
-from missrec.data.synthetic import ITEM_TABLE_HEADER
-from missrec.errors import DataFormatError
+from missrec.data.atomic import ITEM_TABLE_HEADER, iter_table, read_index_map, read_text
+from missrec.errors import DataFormatError, MissingInputError
 from missrec.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def read_item_source(domain_dir: str | Path, domain: str) -> ItemSource:
         ids_l = index if index is not None else [str(i) for i in range(len(texts_l))]
         log.info("%s: no %s; text-only items from %s", domain, table.name, text_path.name)
         return ItemSource(domain, root, text_path, sha256_file(text_path), tuple(ids_l), tuple(texts_l), None)
-    raise FileNotFoundError(f"{table}: no item table (and no {text_path.name}) for domain {domain!r}")
+    raise MissingInputError(f"{table}: no item table (and no {text_path.name}) for domain {domain!r}")
 
 
 def _read_items_tsv(

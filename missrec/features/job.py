@@ -25,9 +25,11 @@ from tqdm import tqdm
 from missrec.data.atomic import write_features
 from missrec.errors import ConfigError
 from missrec.features.chunks import ChunkRange, ChunkStore, assemble, fingerprint, plan_chunks
+from missrec.features.clip import ClipSpec, describe_model
 from missrec.features.encode import ChunkEncoder, EncoderSpec
 from missrec.features.items import ItemSource, read_item_source
 from missrec.features.pool import FaultHook, PoolConfig, run_pool
+from missrec.features.text import resolve_model_path
 from missrec.io import sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,8 @@ class ExtractConfig:
 def describe_encoder(spec: EncoderSpec) -> dict:
     """JSON-able identity of the encoder's weights (what makes features comparable across runs)."""
     if spec.backend == "open_clip":
-        from missrec.features.clip import ClipSpec, describe_model
-
         return {"backend": spec.backend, **describe_model(ClipSpec(spec.model, spec.pretrained,
                                                                    spec.model_config, spec.precision))}
-    from missrec.features.text import resolve_model_path
 
     path = Path(resolve_model_path(spec.model))
     weights = path / "model.safetensors"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from missrec.errors import ConfigError, missing_extra
+from missrec.errors import ConfigError, StageFailedError, missing_extra
 from missrec.features.chunks import ChunkRange
 from missrec.features.encode import ChunkEncoder, EncoderSpec
 from missrec.features.items import ItemSource
@@ -153,7 +153,7 @@ def run_pool(cfg: PoolConfig, spec: EncoderSpec, source: ItemSource, chunks: Seq
         try:
             info = ray.get([a.ready.remote() for a in actors], timeout=cfg.ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"{n_actors} actors asking for {cfg.num_cpus_per_actor} CPU / {gpus} GPU each were "
+            raise ConfigError(f"{n_actors} actors asking for {cfg.num_cpus_per_actor} CPU / {gpus} GPU each were "
                                f"not ready after {cfg.ready_timeout_s:.0f}s; cluster resources: "
                                f"{ray.cluster_resources()}") from None
         startup = time.perf_counter() - t0
@@ -182,7 +182,7 @@ def run_pool(cfg: PoolConfig, spec: EncoderSpec, source: ItemSource, chunks: Seq
             try:
                 res = ray.get(done[0])
             except ray.exceptions.RayError as err:
-                raise RuntimeError(f"chunk {c.index} (items {c.start}..{c.end - 1}) failed (actor restarts "
+                raise StageFailedError(f"chunk {c.index} (items {c.start}..{c.end - 1}) failed (actor restarts "
                                    f"<= {cfg.max_restarts}, task retries <= {cfg.max_task_retries}): {err}; "
                                    "finished chunks are kept, rerun to resume") from err
             pids[a].add(res["pid"])

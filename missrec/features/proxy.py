@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from missrec.data.atomic import read_index_map, write_features
-from missrec.data.synthetic import load_item_table
+from missrec.data.atomic import load_item_table, read_index_map, write_features
 from missrec.errors import DataFormatError
 
 log = logging.getLogger(__name__)
