@@ -176,7 +176,7 @@ def _batch(b: int, length: int, num_items: int, seed: int = 0) -> Batch:
 def test_sasrec_closed_form_matches_flop_counter():
     torch.manual_seed(0)
     n, d, layers, inner = 300, 32, 2, 48
-    model = SASRec(n, 20, d, layers, 2, inner)
+    model = SASRec(n, max_len=20, hidden=d, layers=layers, heads=2, inner=inner, dropout=0.5, attn_dropout=0.5)
     for b, length in ((16, 20), (7, 3)):
         batch = _batch(b, length, n)
         counted = count_step_flops(model, batch)
@@ -187,7 +187,7 @@ def test_sasrec_closed_form_matches_flop_counter():
 
 def test_step_rate_reports_fraction_of_ceiling():
     torch.manual_seed(0)
-    model = SASRec(200, 10, 16, 1, 2, 32)
+    model = SASRec(200, max_len=10, hidden=16, layers=1, heads=2, inner=32, dropout=0.5, attn_dropout=0.5)
     batches = [_batch(8, 10, 200, seed=s) for s in range(2)]
     ceiling = matmul_rate(64, repeats=2, warmup=1)
     assert ceiling["gflops_max"] >= ceiling["gflops_median"] > 0

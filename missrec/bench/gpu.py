@@ -27,6 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from missrec.bench.mid import run_mid_benchmark
+from missrec.bench.pretrain import synthetic_shards
+from missrec.bench.scale import run_scale_benchmark
+from missrec.data.synthetic import SyntheticConfig, generate_catalogue
+from missrec.errors import MissingInputError, StageFailedError
+from missrec.features.clip import make_tiny_clip
+from missrec.features.encode import EncoderSpec
+from missrec.features.job import ExtractConfig, extract_features
+from missrec.train.dist import free_port
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,20 +56,16 @@ def _launch(script: str, args: list[str], cuda: bool, timeout: float) -> str:
     proc = subprocess.run(cmd, cwd=REPO, env=_env(cuda), capture_output=True, text=True, timeout=timeout,
                           check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
+        raise StageFailedError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
                            f"{proc.stderr[-4000:]}")
     return proc.stdout
 
 
 def _port() -> int:
-    from missrec.train.dist import free_port
-
     return free_port()
 
 
 def check_pretrain(work: Path, cuda: bool, quick: bool) -> dict[str, Any]:
-    from missrec.bench.pretrain import synthetic_shards
-
     data = synthetic_shards(work / "pretrain-data", items=500 if quick else 5000, users=1000 if quick else 20000)
     out = work / "pretrain-run"
     sets = ["epochs=1", f"max_steps_per_epoch={5 if quick else 200}", f"batch_size={64 if quick else 512}",
@@ -79,7 +85,7 @@ def check_pretrain(work: Path, cuda: bool, quick: bool) -> dict[str, Any]:
 
 def check_finetune(work: Path, cuda: bool, quick: bool, data_root: str | None) -> dict[str, Any]:
     if not data_root or not Path(data_root, "Scientific.train.inter").exists():
-        raise FileNotFoundError(f"scientific_mm not found at {data_root!r} (pass --data-root)")
+        raise MissingInputError(f"scientific_mm not found at {data_root!r} (pass --data-root)")
     out = work / "finetune-run"
     args = ["--data-root", data_root, "--domain", "Scientific", "--model", "missrec", "--mode", "inductive",
             "--features", "feat1CLS,feat3CLS", "--output-dir", str(out), "--set", f"train.epochs={1 if quick else 3}",
@@ -93,8 +99,6 @@ def check_finetune(work: Path, cuda: bool, quick: bool, data_root: str | None) -
 
 
 def check_mid(work: Path, cuda: bool, quick: bool) -> dict[str, Any]:
-    from missrec.bench.mid import run_mid_benchmark
-
     out = run_mid_benchmark(20_000 if quick else 1_000_000, dim=300, use_gpu=bool(cuda),
                             exact_check_max=0, recall_sample=200)
     return {k: out[k] for k in ("tokens", "clusters", "seconds_total", "seconds", "peak_rss_gib", "ari_vs_planted")} | {
@@ -103,11 +107,6 @@ def check_mid(work: Path, cuda: bool, quick: bool) -> dict[str, Any]:
 
 
 def check_extract(work: Path, cuda: bool, quick: bool) -> dict[str, Any]:
-    from missrec.data.synthetic import SyntheticConfig, generate_catalogue
-    from missrec.features.clip import make_tiny_clip
-    from missrec.features.encode import EncoderSpec
-    from missrec.features.job import ExtractConfig, extract_features
-
     items = 300 if quick else 5000
     generate_catalogue(work / "extract-cat", SyntheticConfig(items_per_domain=items, users_per_domain=10,
                                                              domains=("Kitchen",), target_domains=(),
@@ -122,8 +121,6 @@ def check_extract(work: Path, cuda: bool, quick: bool) -> dict[str, Any]:
 
 
 def check_scale(work: Path, cuda: bool, quick: bool) -> dict[str, Any]:
-    from missrec.bench.scale import run_scale_benchmark
-
     n = 20_000 if quick else 1_000_000
     return run_scale_benchmark(items=(n,), steps=5 if quick else 30, hidden=32 if quick else 128,
                                workdir=str(work / "scale"), rows=200_000 if quick else 2_000_000)

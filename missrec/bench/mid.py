@@ -16,6 +16,10 @@ from typing import Any, Self
 
 import numpy as np
 
+from missrec.interests import InterestConfig, discover_interests
+from missrec.interests.config import resolve_k
+from missrec.interests.reference import dpc_knn_exact
+
 logger = logging.getLogger(__name__)
 
 GIB = float(1 << 30)
@@ -135,8 +139,6 @@ def run_mid_benchmark(
     recall@k on the approximate path, and the memory of the official dense N x N float32 distance
     matrix.
     """
-    from missrec.interests import InterestConfig, discover_interests
-
     cfg = InterestConfig(
         method=method,
         cluster_ratio=float(clusters_ratio),
@@ -181,9 +183,6 @@ def run_mid_benchmark(
         "ari_vs_exact": None,
     }
     if method == "dpc_knn" and tokens <= exact_check_max:
-        from missrec.interests.config import resolve_k
-        from missrec.interests.reference import dpc_knn_exact
-
         t0 = time.perf_counter()
         ref = dpc_knn_exact(x, res.num_clusters, resolve_k(tokens, knn), scale_by_dim=cfg.scale_by_dim)
         out["ari_vs_exact"] = adjusted_rand_index(res.labels, ref.labels)

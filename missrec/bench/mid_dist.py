@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 
 from missrec.bench.mid import adjusted_rand_index
+from missrec.interests import InterestConfig, discover_interests
+from missrec.interests.distributed import discover_interests_distributed
+from missrec.io import atomic_open, write_json
 from missrec.train.dist import child_threads, free_port, init_loopback_gloo
 
 logger = logging.getLogger(__name__)
@@ -75,9 +78,6 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from missrec.interests import InterestConfig
-    from missrec.interests.distributed import discover_interests_distributed
-
     torch.set_num_threads(int(job["threads"]))
     init_loopback_gloo(rank, world, port, timeout_s=3600)
     try:
@@ -96,8 +96,6 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
 def _single_main(_: int, job: dict[str, Any]) -> None:
     import torch
 
-    from missrec.interests import InterestConfig, discover_interests
-
     torch.set_num_threads(int(job["threads"]))
     x, _ = shard_tokens(job["tokens"], job["dim"], 0, job["tokens"], job["seed"])
     rss_before = _rss_now()
@@ -108,8 +106,6 @@ def _single_main(_: int, job: dict[str, Any]) -> None:
 
 
 def _dump(out: Path, tag: str, res: Any, wall: float, cpu: float, rss_before: int, save_labels: bool) -> None:
-    from missrec.io import atomic_open, write_json
-
     if save_labels:
         with atomic_open(out / f"{tag}.npz", "wb") as fh:
             np.savez(fh, labels=res.labels, centres=res.centres)

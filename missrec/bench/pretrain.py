@@ -18,6 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from missrec.data.atomic import load_domain
+from missrec.data.shard_writer import write_domain_shards
+from missrec.data.shards import shards_exist
+from missrec.data.synthetic import SyntheticConfig, generate_catalogue
+from missrec.errors import StageFailedError
 from missrec.train.dist import launch_command
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def synthetic_shards(workdir: Path, items: int = 1000, users: int = 2000) -> list[Path]:
     """Shard folders of the synthetic catalogue's source domains (written once under ``workdir``)."""
-    from missrec.data.atomic import load_domain
-    from missrec.data.shard_writer import write_domain_shards
-    from missrec.data.shards import shards_exist
-    from missrec.data.synthetic import SyntheticConfig, generate_catalogue
-
     cfg = SyntheticConfig(items_per_domain=items, users_per_domain=users)
     out = []
     for d in cfg.source_domains:
@@ -68,7 +68,7 @@ def run_pretrain_benchmark(
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"pre-training with {n} ranks failed:\n{proc.stderr[-4000:]}")
+            raise StageFailedError(f"pre-training with {n} ranks failed:\n{proc.stderr[-4000:]}")
         m = json.loads((out / "metrics.json").read_text())
         m["job_seconds"] = round(time.perf_counter() - t0, 1)
         results[n] = m

@@ -26,8 +26,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from missrec.bench import report_stages as s
+from missrec.bench.isolate import IsolatedError, run_isolated
+from missrec.bench.report_render import render_report
 from missrec.config import to_dict
 from missrec.errors import ConfigError
+from missrec.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +159,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def _stage_functions() -> dict[str, Callable[[ReportConfig], dict]]:
-    from missrec.bench import report_stages as s
-
     return {"loader": s.stage_loader, "mid": s.stage_mid, "extract": s.stage_extract,
             "pretrain": s.stage_pretrain, "finetune": s.stage_finetune, "flops": s.stage_flops,
             "scale": s.stage_scale}
@@ -170,8 +172,6 @@ def run_stages(
     """Run each stage not in ``cfg.skip`` (``stages``: name -> function, default the real ones) and
     return name -> ``{"status": "ok" | "failed" | "skipped", "seconds", "result" | "error", "traceback"}``.
     A failing stage is recorded and the next one runs; ``on_stage(partial)`` is called after each."""
-    from missrec.bench.isolate import IsolatedError, run_isolated
-
     stages = dict(stages if stages is not None else _stage_functions())
     out: dict[str, dict[str, Any]] = {}
     bar = tqdm(list(stages), desc="benchmarks", unit="stage", disable=None if cfg.progress else True)
@@ -209,9 +209,6 @@ def run_report(
     cfg: ReportConfig, stages: Mapping[str, Callable[[ReportConfig], dict]] | None = None
 ) -> dict[str, Any]:
     """Run the stages, write ``results.json``, the PNGs and the Markdown; return a short summary."""
-    from missrec.bench.report_render import render_report
-    from missrec.io import write_json
-
     t0 = time.perf_counter()
     results: dict[str, Any] = {"machine": machine_info(), "config": to_dict(cfg), "stages": {}}
     json_path = cfg.figure_dir / "results.json"
@@ -231,8 +228,6 @@ def run_report(
 
 def render_saved(cfg: ReportConfig) -> dict[str, Any]:
     """Re-render the Markdown and plots from the ``results.json`` of an earlier run (no benchmarks)."""
-    from missrec.bench.report_render import render_report
-
     json_path = cfg.figure_dir / "results.json"
     try:
         results = json.loads(json_path.read_text(encoding="utf-8"))

@@ -9,6 +9,25 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from missrec.bench.extract import run_extract_benchmark
+from missrec.bench.flops import matmul_rate, sasrec_step_flops, step_rate
+from missrec.bench.isolate import IsolatedError, run_isolated
+from missrec.bench.loader import run_loader_benchmark
+from missrec.bench.mid import _RssSampler, adjusted_rand_index, clustered_tokens, run_mid_benchmark
+from missrec.bench.pretrain import run_pretrain_benchmark
+from missrec.bench.scale import run_scale_benchmark
+from missrec.bench.train_rate import sasrec_training_rate
+from missrec.config import DataConfig, MISSRecConfig, RunConfig, SASRecConfig, TrainConfig
+from missrec.data.atomic import load_domain
+from missrec.data.batching import iter_split_batches
+from missrec.data.shards import write_domain_shards
+from missrec.errors import DataFormatError
+from missrec.interests import InterestConfig, discover_interests
+from missrec.interests.config import resolve_k, resolve_num_clusters
+from missrec.interests.reference import dpc_knn_exact
+from missrec.models.build import build_missrec, build_sasrec
+from missrec.transfer.finetune import DomainData, build_model, run_finetune
+
 if TYPE_CHECKING:
     from missrec.bench.report import ReportConfig
 
@@ -28,8 +47,6 @@ def _threads(cfg: ReportConfig) -> int:
 
 
 def _dataset(cfg: ReportConfig, name: str) -> Path:
-    from missrec.errors import DataFormatError
-
     path = Path(cfg.data_root) / name
     if not (path / f"{DOMAIN}.train.inter").exists():
         raise DataFormatError(path / f"{DOMAIN}.train.inter", "missing: the shared dataset is not there "
@@ -40,11 +57,6 @@ def _dataset(cfg: ReportConfig, name: str) -> Path:
 # ----------------------------------------------------------------------------------------- 1. loader
 def stage_loader(cfg: ReportConfig) -> dict[str, Any]:
     """Shard reader rate (2 workers, 2 epochs) vs SASRec training consumption on Scientific."""
-    from missrec.bench.loader import run_loader_benchmark
-    from missrec.bench.train_rate import sasrec_training_rate
-    from missrec.data.atomic import load_domain
-    from missrec.data.shards import write_domain_shards
-
     threads = _threads(cfg)
     root = _dataset(cfg, "scientific")
     with tempfile.TemporaryDirectory(prefix="bench-report-loader-") as tmp:
@@ -54,7 +66,7 @@ def stage_loader(cfg: ReportConfig) -> dict[str, Any]:
         shard_seconds = time.perf_counter() - t0
         reader = run_loader_benchmark(folder, batch_size=512, num_workers=2, epochs=2)
         steps = 10 if cfg.quick else 0
-        sasrec = sasrec_training_rate(folder, batch_size=512, steps=steps, objective="last")
+        sasrec = sasrec_training_rate(folder, batch_size=512, steps=steps)
     return {
         "data": str(root), "shard_write_seconds": round(shard_seconds, 2), "threads": threads,
         "reader_sequences_per_second": reader["sequences_per_second"],
@@ -69,11 +81,6 @@ def stage_loader(cfg: ReportConfig) -> dict[str, Any]:
 def mid_reference_run(tokens: int, dim: int, ratio: float, knn: float, seed: int) -> dict[str, Any]:
     """Exact O(N^2) DPC-KNN on the benchmark's clustered tokens: seconds and peak RSS of the reference
     alone, then the ARI of the FAISS DPC-KNN labels against it (run it in a fresh process)."""
-    from missrec.bench.mid import _RssSampler, adjusted_rand_index, clustered_tokens
-    from missrec.interests import InterestConfig, discover_interests
-    from missrec.interests.config import resolve_k, resolve_num_clusters
-    from missrec.interests.reference import dpc_knn_exact
-
     x, _ = clustered_tokens(tokens, dim, seed)
     icfg = InterestConfig(cluster_ratio=ratio, knn=knn, seed=seed)
     c = resolve_num_clusters(tokens, icfg)
@@ -93,8 +100,6 @@ def mid_reference_run(tokens: int, dim: int, ratio: float, knn: float, seed: int
 
 def mid_faiss_run(tokens: int, dim: int, ratio: float, knn: float, method: str, seed: int, progress: bool) -> dict:
     """One :func:`~missrec.bench.mid.run_mid_benchmark` call (no exact check; run it in a fresh process)."""
-    from missrec.bench.mid import run_mid_benchmark
-
     return run_mid_benchmark(tokens, dim=dim, clusters_ratio=ratio, knn=knn, method=method, seed=seed,
                              exact_check_max=0, show_progress=progress)
 
@@ -103,8 +108,6 @@ def stage_mid(cfg: ReportConfig) -> dict[str, Any]:
     """MID seconds and peak RSS over token counts: DPC-KNN on FAISS, FAISS k-means, and the exact
     reference up to ``cfg.mid_exact_max`` tokens; each run in a fresh process, stopped after
     ``cfg.mid_timeout_s``."""
-    from missrec.bench.isolate import IsolatedError, run_isolated
-
     knn, seed = 5, 0
     runs: list[dict[str, Any]] = []
     plan = []
@@ -178,25 +181,18 @@ def _reference_outlook(ref: dict[str, Any] | None, cfg: ReportConfig) -> list[di
 # ---------------------------------------------------------------------------------------- 3. extract
 def stage_extract(cfg: ReportConfig) -> dict[str, Any]:
     """Tiny open_clip extraction with 1 and 2 Ray actors (and in-process): items/s and efficiency."""
-    from missrec.bench.extract import run_extract_benchmark
-
     return run_extract_benchmark(items=1000 if cfg.quick else 3000, actors=(1, 2), progress=cfg.progress)
 
 
 # --------------------------------------------------------------------------------------- 4. pretrain
 def stage_pretrain(cfg: ReportConfig) -> dict[str, Any]:
     """DeepSpeed (CPU, gloo) pre-training with 1 and 2 ranks: seq/s, efficiency, time shares."""
-    from missrec.bench.pretrain import run_pretrain_benchmark
-
     with tempfile.TemporaryDirectory(prefix="bench-report-pretrain-") as tmp:
         return run_pretrain_benchmark(ranks=(1, 2), batch_size=128, steps=10 if cfg.quick else 40, workdir=tmp)
 
 
 # --------------------------------------------------------------------------------------- 5. finetune
 def _finetune_one(cfg: ReportConfig, name: str, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    from missrec.config import DataConfig, MISSRecConfig, RunConfig, TrainConfig
-    from missrec.transfer.finetune import DomainData, build_model, run_finetune
-
     steps = 10 if cfg.quick else 0
     data = DataConfig(data_root=overrides["data_root"], domain=DOMAIN, features=overrides.get("features", ()))
     run = RunConfig(
@@ -250,8 +246,6 @@ def _train_batches(domain: Any, count: int, seed: int = 2020) -> list:
     histories are both represented."""
     import numpy as np
 
-    from missrec.data.batching import iter_split_batches
-
     out = list(iter_split_batches(domain.train, 512, 50, shuffle=True, seed=seed, epoch=0, group_by_length=True))
     if 0 < count < len(out):
         out.sort(key=lambda b: int(b.seq_len.max()))
@@ -262,11 +256,6 @@ def _train_batches(domain: Any, count: int, seed: int = 2020) -> list:
 def stage_flops(cfg: ReportConfig) -> dict[str, Any]:
     """Dense float32 matmul ceiling and the FLOP/s SASRec's (and MISSRec's) training step reaches."""
     import torch
-
-    from missrec.bench.flops import matmul_rate, sasrec_step_flops, step_rate
-    from missrec.config import DataConfig, RunConfig, SASRecConfig
-    from missrec.data.atomic import load_domain
-    from missrec.models.build import build_missrec, build_sasrec
 
     threads = _threads(cfg)
     count = 4 if cfg.quick else 0  # 0: every batch of one epoch
@@ -317,8 +306,6 @@ __all__ = [
 def stage_scale(cfg: ReportConfig) -> dict[str, Any]:
     """2-rank pre-training on catalogues of growing size (:mod:`missrec.bench.scale`); catalogues are cached
     under runs/bench-scale."""
-    from missrec.bench.scale import run_scale_benchmark
-
     items = cfg.scale_items or ((20_000, 100_000) if cfg.quick else (100_000, 1_000_000, 4_000_000))
     out = run_scale_benchmark(items=items, steps=10 if cfg.quick else 30, extra=cfg.scale_overrides)
     out["overrides"] = list(cfg.scale_overrides)

@@ -31,6 +31,11 @@ from typing import Any, Self
 
 import numpy as np
 
+from missrec.data.atomic import Domain, Split
+from missrec.data.pretrain_stream import PretrainData
+from missrec.data.shard_writer import write_domain_shards
+from missrec.data.shards import shards_exist
+from missrec.errors import StageFailedError
 from missrec.train.dist import free_port
 
 log = logging.getLogger(__name__)
@@ -55,8 +60,6 @@ def _features(path: Path, n: int, seed: int, chunk: int = 65536) -> np.ndarray:
 
 
 def _split(rng: np.random.Generator, rows: int, items: int, users: int):
-    from missrec.data.atomic import Split
-
     lens = rng.integers(1, 21, rows)
     offsets = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
@@ -65,9 +68,6 @@ def _split(rng: np.random.Generator, rows: int, items: int, users: int):
 
 
 def _write_domain(args: tuple[str, str, int, int, int]) -> str:
-    from missrec.data.atomic import Domain
-    from missrec.data.shard_writer import write_domain_shards
-
     folder, name, items, rows, seed = args
     out = Path(folder)
     tmp = out.parent / f".{name}.features"
@@ -90,8 +90,6 @@ def build_catalogue(folder: Path, items: int, rows: int, seed: int = 0) -> list[
     """Two domain shard folders of ``items // 2`` items and ``rows // 2`` training rows each (written once; a
     complete folder is reused)."""
     from concurrent.futures import ProcessPoolExecutor
-
-    from missrec.data.shards import shards_exist
 
     jobs = []
     for d in range(2):
@@ -168,8 +166,6 @@ def _cmdline(p: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------- runs
 def _reader_rate(folders: list[Path], run: Path, batch_size: int, steps: int, hidden: int) -> float:
     """Rows per second of one reader assembling full batches (this process, no worker)."""
-    from missrec.data.pretrain_stream import PretrainData
-
     data = PretrainData(folders, ("feat1CLS", "feat3CLS"), batch_size=batch_size, world_size=2, rank=0, seed=1,
                         max_len=20, drop_prob=0.2)
     index = run / "interests" / "epoch0000"
@@ -200,7 +196,7 @@ def run_case(folders: list[Path], out: Path, *, steps: int, batch_size: int, hid
     with RankMemory(proc.pid) as mem:
         output, _ = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"pre-training failed ({proc.returncode}):\n{output[-5000:]}")
+        raise StageFailedError(f"pre-training failed ({proc.returncode}):\n{output[-5000:]}")
     m = json.loads((out / "metrics.json").read_text())
     return {"peak_rss_gib": round(max(mem.peaks.values(), default=0) / GIB, 3),
             "peak_rss_gib_per_rank": [round(v / GIB, 3) for v in mem.peaks.values()],

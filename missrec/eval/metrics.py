@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from missrec.errors import ConfigError
+
 DEFAULT_KS = (10, 50)
 TIE_RULES = ("index", "expected")
 
@@ -47,7 +49,7 @@ def scoring(model: nn.Module) -> Iterator[None]:
 def check_tie_rule(ties: str) -> None:
     """Refuse a tie rule other than :data:`TIE_RULES`."""
     if ties not in TIE_RULES:
-        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+        raise ConfigError(f"ties must be one of {TIE_RULES}, got {ties!r}")
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

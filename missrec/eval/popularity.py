@@ -2,17 +2,19 @@
 training target, e.g. ``edges=(6, 21)`` -> targets seen [0, 6), [6, 21) and [21, inf) times.
 
 A model that ranks popular items higher gains in the last bucket and loses in the first; the overall
-Recall@k can hide that trade-off (docs/results.md, the MISSRec sections, uses it to compare two codes).
+Recall@k can hide that trade-off (docs/experiments.md, the MISSRec sections, uses it to compare two codes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
+from typing import Any
 
 import torch
 
 from missrec.data.batching import Batch
+from missrec.errors import ConfigError
 from missrec.eval.metrics import DEFAULT_KS, RankingMetrics, scoring
 
 
@@ -20,7 +22,7 @@ def check_edges(edges: Sequence[int]) -> tuple[int, ...]:
     """Bucket edges: strictly increasing positive integers (ValueError otherwise)."""
     out = tuple(int(e) for e in edges)
     if not out or out[0] < 1 or any(b <= a for a, b in pairwise(out)):
-        raise ValueError(f"popularity edges must be strictly increasing positive integers, got {list(edges)}")
+        raise ConfigError(f"popularity edges must be strictly increasing positive integers, got {list(edges)}")
     return out
 
 
@@ -41,10 +43,11 @@ def bucket_labels(edges: Sequence[int]) -> list[str]:
 @torch.no_grad()
 def evaluate_by_popularity(
     model: torch.nn.Module, batches: Iterable[Batch], counts: torch.Tensor, edges: Sequence[int],
-    device: torch.device, ks: tuple[int, ...] = DEFAULT_KS, ties: str = "index",
+    device: torch.device, ks: tuple[int, ...] = DEFAULT_KS, ties: str = "index", policy: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """Recall/NDCG@``ks`` of ``model`` per bucket of ``counts[target]`` (``counts`` [num_items]) and over
-    all rows (key ``"all"``); each bucket also reports its number of rows as ``"users"``."""
+    """Recall/NDCG@``ks`` of ``model`` (ranked with its scoring ``policy`` when given) per bucket of
+    ``counts[target]`` (``counts`` [num_items]) and over all rows (key ``"all"``); each bucket also reports its
+    number of rows as ``"users"``."""
     edges = check_edges(edges)
     bounds = torch.tensor(edges)
     labels = bucket_labels(edges)
@@ -53,7 +56,7 @@ def evaluate_by_popularity(
     with scoring(model):
         for batch in batches:
             batch = batch.to(device)
-            scores = model.full_scores(batch)  # [B, N]
+            scores = policy.scores(model, batch) if policy is not None else model.full_scores(batch)  # [B, N]
             whole.update(scores, batch.target)
             which = torch.bucketize(counts[batch.target.cpu()], bounds, right=True)  # [B] bucket index
             for i, part in enumerate(parts):

@@ -1,10 +1,10 @@
 """Two groups of runs compared over seeds: mean, spread and Welch's t-test for each metric.
 
     python launcher/compare.py --runs runs/ind-s2020 runs/ind-s1 runs/ind-s2 \\
-        --baseline docs/benchmarks/official_inductive.json
+        --baseline docs/benchmarks/official_code_inductive.json
 
 One test split scores a model trained with one seed; the next seed can move R@50 by more than the
-difference between two codes (docs/results.md). A claim that one code beats another therefore needs
+difference between two codes (docs/experiments.md). A claim that one code beats another therefore needs
 several seeds of each, and a test of the difference of their means against its standard error.
 
 A *source* is a run folder (its ``metrics.json``), a JSON file with one run's metrics (a
@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from missrec.errors import InputError, MissingInputError
 from missrec.transfer.results import METRICS  # the paper's four metrics, in its order
 
 
@@ -53,20 +54,20 @@ class Comparison:
 def _metric_dicts(obj: object, split: str, where: str) -> list[dict[str, float]]:
     entries = obj["runs"] if isinstance(obj, Mapping) and "runs" in obj else [obj]
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{where}: 'runs' must be a non-empty list")
+        raise InputError(f"{where}: 'runs' must be a non-empty list")
     out = []
     for i, e in enumerate(entries):
         if not isinstance(e, Mapping):
-            raise ValueError(f"{where}: run {i} is not a JSON object")  # noqa: TRY004 (bad file content)
+            raise InputError(f"{where}: run {i} is not a JSON object")
         m = e.get(split, e)
         if not isinstance(m, Mapping):
-            raise ValueError(f"{where}: run {i}: {split!r} is not a JSON object")  # noqa: TRY004 (bad file content)
+            raise InputError(f"{where}: run {i}: {split!r} is not a JSON object")
         vals = {k: m[k] for k in METRICS if k in m}
         if not vals:
-            raise ValueError(f"{where}: run {i} has none of {list(METRICS)} (under {split!r} or at the top)")
+            raise InputError(f"{where}: run {i} has none of {list(METRICS)} (under {split!r} or at the top)")
         for k, v in vals.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{where}: run {i}: {k} is not a finite number: {v!r}")
+                raise InputError(f"{where}: run {i}: {k} is not a finite number: {v!r}")
         out.append({k: float(v) for k, v in vals.items()})
     return out
 
@@ -79,19 +80,19 @@ def load_metrics(source: str | Path, split: str = "test") -> list[dict[str, floa
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file (a run folder needs its metrics.json)") from None
+        raise MissingInputError(f"{path}: no such file (a run folder needs its metrics.json)") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
         # launcher output saved whole: its last line is the JSON
         numbered = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
         if not numbered:
-            raise ValueError(f"{path}: empty file") from None
+            raise InputError(f"{path}: empty file") from None
         n, last = numbered[-1]
         try:
             obj = json.loads(last)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n}: not JSON ({e.msg})") from None
+            raise InputError(f"{path}: line {n}: not JSON ({e.msg})") from None
     return _metric_dicts(obj, split, str(path))
 
 
@@ -172,9 +173,9 @@ def welch(a: Sequence[float], b: Sequence[float], margin: float | None = None) -
     """Welch's unequal-variance t-test of mean(a) - mean(b); with ``margin`` also the one-sided
     non-inferiority test of :class:`Comparison`."""
     if not a or not b:
-        raise ValueError("both groups need at least one value")
+        raise InputError("both groups need at least one value")
     if margin is not None and not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"the non-inferiority margin must be a finite number >= 0, got {margin}")
+        raise InputError(f"the non-inferiority margin must be a finite number >= 0, got {margin}")
     (ma, sa), (mb, sb) = _mean_sd(a), _mean_sd(b)
     se = t = df = p = lo = hi = p_ni = None
     if sa is not None and sb is not None:
@@ -202,7 +203,7 @@ def compare_groups(
         for name, g in (("first", a), ("second", b)):
             missing = [i for i, m in enumerate(g) if k not in m]
             if missing:
-                raise ValueError(f"{k} is missing from run(s) {missing} of the {name} group")
+                raise InputError(f"{k} is missing from run(s) {missing} of the {name} group")
         out[k] = welch([m[k] for m in a], [m[k] for m in b], margin)
     return out
 

@@ -22,6 +22,7 @@ from missrec.interests.config import (
 )
 from missrec.interests.dpc_knn import dpc_knn
 from missrec.interests.index import InterestIndex, TokenPool, build_token_pool
+from missrec.interests.kmeans import kmeans_interests
 
 __all__ = [
     "ClusterResult",
@@ -43,7 +44,5 @@ def discover_interests(tokens: np.ndarray | torch.Tensor, cfg: InterestConfig | 
     n = x.shape[0]
     c = resolve_num_clusters(n, cfg)
     if cfg.method == "kmeans":
-        from missrec.interests.kmeans import kmeans_interests
-
         return kmeans_interests(x, c, cfg)
     return dpc_knn(x, c, resolve_k(n, cfg.knn), cfg)

@@ -86,18 +86,7 @@ def nearest_denser_distributed(
     limit = int(comm.all_reduce_sum(np.array([cand.size], dtype=np.int64))[0])
     if len(pk) and int(comm.all_reduce_sum(np.array([int(denser(log_rho, gid, plr[0], pk[0]).sum())]))[0]) == 0:
         raise ValueError("the density maximum has no denser token")
-    # centring vector: mean of the min(limit, 65536) densest tokens of the pool, as in one process
-    m = min(limit, 65536)
-    top_local = cand[:m]  # my densest m (candidates are the densest of my tokens)
-    keys = comm.all_gather_concat(np.stack([log_rho[top_local], gid[top_local].astype(np.float64)], axis=1))
-    keep = np.zeros(len(top_local), dtype=bool)
-    if m:
-        best = np.lexsort((keys[:, 1], -keys[:, 0]))[:m]
-        cut_lr, cut_g = keys[best[-1], 0], keys[best[-1], 1]
-        keep = ~denser(np.float64(cut_lr), np.float64(cut_g), log_rho[top_local], gid[top_local].astype(np.float64))
-    sums = np.asarray(x[np.sort(top_local[keep])]).sum(0, dtype=np.float64)[None, :]  # [1, D]
-    total = comm.all_gather_concat(sums, np.ones(comm.world, dtype=np.int64)).sum(0)
-    mu = torch.from_numpy(total / max(m, 1)).float().to(device)
+    mu = _pool_centre(comm, x, log_rho, gid, cand, min(limit, 65536)).to(device)  # [D]
     parents = np.empty(len(pk), dtype=np.int64)
     pd2 = np.empty(len(pk), dtype=np.float64)
     bar = _progress(len(pk), "delta (peaks)", show_progress)
@@ -105,22 +94,7 @@ def nearest_denser_distributed(
         qid, q_lr = pk[qs : qs + chunk_q], plr[qs : qs + chunk_q]
         qv = comm.fetch_rows(x, offsets, qid)  # [q, D] on every rank
         cnt = torch.from_numpy(_denser_count(c_neg, c_gid, q_lr, qid)).to(device)  # my candidates denser than each
-        q = torch.from_numpy(qv).to(device) - mu
-        qn = (q * q).sum(1)
-        best_d = torch.full((len(qid),), float("inf"), device=device)
-        arg = torch.full((len(qid),), -1, dtype=torch.int64, device=device)
-        upto = int(cnt.max()) if len(qid) else 0
-        for ps in range(0, upto, chunk_p):
-            pe = min(upto, ps + chunk_p)
-            xs = torch.from_numpy(np.ascontiguousarray(x[cand[ps:pe]])).to(device) - mu  # [b, D]
-            d2 = torch.addmm(qn[:, None] + (xs * xs).sum(1)[None, :], q, xs.T, beta=1.0, alpha=-2.0)
-            d2.masked_fill_(torch.arange(ps, pe, device=device)[None, :] >= cnt[:, None], float("inf"))
-            v, j = d2.min(1)
-            upd = v < best_d
-            best_d = torch.where(upd, v, best_d)
-            arg = torch.where(upd, j + ps, arg)
-        best_np = best_d.cpu().numpy().astype(np.float64)
-        arg_np = arg.cpu().numpy()
+        best_np, arg_np = _scan_candidates(x, cand, torch.from_numpy(qv).to(device) - mu, mu, cnt, chunk_p)
         found = arg_np >= 0
         w_lr = np.full(len(qid), -np.inf)
         w_gid = np.full(len(qid), np.inf)
@@ -191,3 +165,40 @@ def cluster_sums(
         acc.index_add_(0, lab[s : s + chunk], torch.from_numpy(x[s : s + chunk]).double())
     counts = np.bincount(labels, minlength=c).astype(np.int64)
     return acc.numpy(), counts
+
+
+def _pool_centre(comm: Comm, x: np.ndarray, log_rho: np.ndarray, gid: np.ndarray, cand: np.ndarray,
+                 m: int) -> torch.Tensor:
+    """Mean [D] (float32) of the ``m`` densest tokens of the pool over all ranks, as in one process
+    (``cand``: this rank's candidates, densest first). Collective."""
+    top_local = cand[:m]  # my densest m (candidates are the densest of my tokens)
+    keys = comm.all_gather_concat(np.stack([log_rho[top_local], gid[top_local].astype(np.float64)], axis=1))
+    keep = np.zeros(len(top_local), dtype=bool)
+    if m:
+        best = np.lexsort((keys[:, 1], -keys[:, 0]))[:m]
+        cut_lr, cut_g = keys[best[-1], 0], keys[best[-1], 1]
+        keep = ~denser(np.float64(cut_lr), np.float64(cut_g), log_rho[top_local], gid[top_local].astype(np.float64))
+    sums = np.asarray(x[np.sort(top_local[keep])]).sum(0, dtype=np.float64)[None, :]  # [1, D]
+    total = comm.all_gather_concat(sums, np.ones(comm.world, dtype=np.int64)).sum(0)
+    return torch.from_numpy(total / max(m, 1)).float()
+
+
+def _scan_candidates(x: np.ndarray, cand: np.ndarray, q: torch.Tensor, mu: torch.Tensor, cnt: torch.Tensor,
+                     chunk_p: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each centred query row of ``q`` [q, D], the nearest of its first ``cnt`` candidates (``x[cand]``
+    read in blocks of ``chunk_p``): float64 squared distances [q] and positions in ``cand`` [q] (-1: none)."""
+    device = q.device
+    qn = (q * q).sum(1)
+    best_d = torch.full((q.shape[0],), float("inf"), device=device)
+    arg = torch.full((q.shape[0],), -1, dtype=torch.int64, device=device)
+    upto = int(cnt.max()) if q.shape[0] else 0
+    for ps in range(0, upto, chunk_p):
+        pe = min(upto, ps + chunk_p)
+        xs = torch.from_numpy(np.ascontiguousarray(x[cand[ps:pe]])).to(device) - mu  # [b, D]
+        d2 = torch.addmm(qn[:, None] + (xs * xs).sum(1)[None, :], q, xs.T, beta=1.0, alpha=-2.0)  # [q, b]
+        d2.masked_fill_(torch.arange(ps, pe, device=device)[None, :] >= cnt[:, None], float("inf"))
+        v, j = d2.min(1)
+        upd = v < best_d
+        best_d = torch.where(upd, v, best_d)
+        arg = torch.where(upd, j + ps, arg)
+    return best_d.cpu().numpy().astype(np.float64), arg.cpu().numpy()

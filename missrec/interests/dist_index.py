@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from missrec.errors import ConfigError
 from missrec.interests.config import InterestConfig
 from missrec.interests.dist_coarse import train_global_centroids
 from missrec.interests.dist_comm import Comm
@@ -65,7 +66,7 @@ class ShardSearcher:
         t0 = time.perf_counter()
         gpus = faiss_num_gpus(faiss)
         if cfg.use_gpu is True and gpus == 0:
-            raise RuntimeError("use_gpu=True but FAISS sees no GPU (is the faiss-gpu build installed?)")
+            raise ConfigError("use_gpu=True but FAISS sees no GPU (is the faiss-gpu build installed?)")
         gpu = gpus > 0 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
         self.backend = ("ivf" if gpu else "cells") if cfg.approx_method == "auto" else cfg.approx_method
         self.on_gpu = gpu and self.backend == "ivf"

@@ -80,6 +80,7 @@ from missrec.interests.dist_centres import (
 from missrec.interests.dist_comm import Comm, is_distributed
 from missrec.interests.dist_dense import assign_nearest_centre_distributed, nearest_denser_distributed
 from missrec.interests.dist_index import ShardSearcher
+from missrec.interests.dist_kmeans import kmeans_distributed
 from missrec.interests.dist_knn import NO_ID, ring_knn
 from missrec.interests.dpc_knn import dpc_result
 from missrec.interests.scratch import Scratch
@@ -120,8 +121,6 @@ def discover_interests_distributed(
     c = resolve_num_clusters(n, cfg)
     with Scratch(cfg.scratch_dir) as scratch:
         if cfg.method == "kmeans":
-            from missrec.interests.dist_kmeans import kmeans_distributed
-
             res = kmeans_distributed(comm, x, offsets, c, cfg)
         else:
             res = _dpc_knn_distributed(comm, x, offsets, c, resolve_k(n, cfg.knn), cfg, chunk_rows, scratch)
@@ -266,29 +265,11 @@ def _dpc_knn_distributed(
         searcher.info, k=k, peaks_after_knn=int(counts.sum()), short_lists=short_total
     )
     if approximate:
-        for ke in cfg.peak_expand:
-            if counts.sum() == 0 or ke <= k:
-                continue
-            wide = {"nprobe_factor": cfg.peak_nprobe_factor, "density": log_rho, "desc": f"peaks k={ke}"}
-            ed2, ei = ring_knn(comm, x, offsets, unresolved, ke, searcher, **wide, **ring)  # [m, 1] each
-            f2 = ei[:, 0] != NO_ID
-            hit = unresolved[f2]
-            parent[hit] = ei[f2, 0]
-            delta2[hit] = ed2[f2, 0]
-            unresolved = unresolved[~f2]
-            counts = comm.all_gather_scalars(unresolved.size)
-            info[f"peaks_after_k{ke}"] = int(counts.sum())
+        unresolved, counts = _widen_peak_search(comm, x, offsets, k, cfg, searcher, log_rho, parent, delta2,
+                                                unresolved, counts, ring, info)
     del searcher
     if counts.sum():
-        peaks = comm.all_gather_concat(lo + unresolved, counts)  # global ids, the same on every rank
-        peak_lr = comm.all_gather_concat(log_rho[unresolved], counts)
-        device = str(comm.device) if comm.device.type == "cuda" else "cpu"
-        par, pd2 = nearest_denser_distributed(
-            comm, x, offsets, peaks, peak_lr, log_rho, device=device, show_progress=cfg.show_progress
-        )
-        mine = slice(int(counts[: comm.rank].sum()), int(counts[: comm.rank + 1].sum()))
-        parent[unresolved] = par[mine]
-        delta2[unresolved] = pd2[mine]
+        _bruteforce_peaks(comm, x, offsets, cfg, log_rho, parent, delta2, unresolved, counts)
     info["peaks_bruteforce"] = int(counts.sum())
     delta = np.sqrt(delta2 / scale)  # [n_r]
     others = delta.copy()
@@ -314,3 +295,41 @@ def _dpc_knn_distributed(
     centroids = mean_centroids_sharded(comm, x, labels, c)
     timings["assign"] = time.perf_counter() - t0
     return dpc_result(labels, centres, centroids, log_rho, delta, timings, info)
+
+
+def _widen_peak_search(comm: Comm, x: np.ndarray, offsets: np.ndarray, k: int, cfg: InterestConfig,
+                       searcher: ShardSearcher, log_rho: np.ndarray, parent: np.ndarray, delta2: np.ndarray,
+                       unresolved: np.ndarray, counts: np.ndarray, ring: dict[str, Any],
+                       info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate path: look for a denser token of each unresolved peak among its ``cfg.peak_expand``
+    nearest neighbours (``parent`` and ``delta2`` updated in place); returns the peaks still unresolved and
+    their counts per rank. Collective."""
+    for ke in cfg.peak_expand:
+        if counts.sum() == 0 or ke <= k:
+            continue
+        wide = {"nprobe_factor": cfg.peak_nprobe_factor, "density": log_rho, "desc": f"peaks k={ke}"}
+        ed2, ei = ring_knn(comm, x, offsets, unresolved, ke, searcher, **wide, **ring)  # [m, 1] each
+        f2 = ei[:, 0] != NO_ID
+        hit = unresolved[f2]
+        parent[hit] = ei[f2, 0]
+        delta2[hit] = ed2[f2, 0]
+        unresolved = unresolved[~f2]
+        counts = comm.all_gather_scalars(unresolved.size)
+        info[f"peaks_after_k{ke}"] = int(counts.sum())
+    return unresolved, counts
+
+
+def _bruteforce_peaks(comm: Comm, x: np.ndarray, offsets: np.ndarray, cfg: InterestConfig, log_rho: np.ndarray,
+                      parent: np.ndarray, delta2: np.ndarray, unresolved: np.ndarray, counts: np.ndarray) -> None:
+    """The exact nearest denser token of every peak still unresolved, over all ranks (``parent`` and ``delta2``
+    updated in place). Collective."""
+    lo = int(offsets[comm.rank])
+    peaks = comm.all_gather_concat(lo + unresolved, counts)  # global ids, the same on every rank
+    peak_lr = comm.all_gather_concat(log_rho[unresolved], counts)
+    device = str(comm.device) if comm.device.type == "cuda" else "cpu"
+    par, pd2 = nearest_denser_distributed(
+        comm, x, offsets, peaks, peak_lr, log_rho, device=device, show_progress=cfg.show_progress
+    )
+    mine = slice(int(counts[: comm.rank].sum()), int(counts[: comm.rank + 1].sum()))
+    parent[unresolved] = par[mine]
+    delta2[unresolved] = pd2[mine]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from missrec.interests.config import ClusterResult, InterestConfig
+from missrec.interests.exact_knn import knn_recall
 from missrec.interests.knn import KnnSearcher, _progress
 
 logger = logging.getLogger(__name__)
@@ -242,21 +243,8 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
     unresolved = unresolved[unresolved != top]
     info: dict[str, Any] = dict(searcher.info, k=k, peaks_after_knn=int(unresolved.size))
     if approximate:
-        for ke in cfg.peak_expand:
-            if unresolved.size == 0 or ke <= k:
-                continue
-            wide = searcher.nprobe * cfg.peak_nprobe_factor
-            _, ei = searcher.search_rows(unresolved, ke, desc=f"peaks k={ke}", nprobe=wide)
-            ed2, ei = sort_neighbours(pair_d2(x, unresolved, ei), ei)
-            c2, f2 = first_denser(rank, unresolved, ei)
-            hit = unresolved[f2]
-            parent[hit] = ei[f2, c2[f2]]
-            delta2[hit] = ed2[f2, c2[f2]]
-            unresolved = unresolved[~f2]
-            info[f"peaks_after_k{ke}"] = int(unresolved.size)
+        unresolved = _widen_peak_search(x, k, cfg, searcher, rank, parent, delta2, unresolved, info)
     if cfg.recall_sample > 0 and approximate:
-        from missrec.interests.reference import knn_recall
-
         t_r = time.perf_counter()
         info["knn_recall"] = knn_recall(searcher, k, cfg.recall_sample, cfg.seed)
         info["recall_seconds"] = time.perf_counter() - t_r  # not counted in the timings
@@ -293,3 +281,23 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, cfg: InterestConfig | None
         ", ".join(f"{key}={val:.1f}s" for key, val in timings.items() if key != "total"),
     )
     return dpc_result(labels, centres, centroids, log_rho, delta, timings, info)
+
+
+def _widen_peak_search(x: np.ndarray, k: int, cfg: InterestConfig, searcher: KnnSearcher, rank: np.ndarray,
+                       parent: np.ndarray, delta2: np.ndarray, unresolved: np.ndarray,
+                       info: dict[str, Any]) -> np.ndarray:
+    """Approximate path: look for a denser token of each unresolved peak among its ``cfg.peak_expand``
+    nearest neighbours (``parent`` and ``delta2`` updated in place); returns the peaks still unresolved."""
+    for ke in cfg.peak_expand:
+        if unresolved.size == 0 or ke <= k:
+            continue
+        wide = searcher.nprobe * cfg.peak_nprobe_factor
+        _, ei = searcher.search_rows(unresolved, ke, desc=f"peaks k={ke}", nprobe=wide)
+        ed2, ei = sort_neighbours(pair_d2(x, unresolved, ei), ei)
+        c2, f2 = first_denser(rank, unresolved, ei)
+        hit = unresolved[f2]
+        parent[hit] = ei[f2, c2[f2]]
+        delta2[hit] = ed2[f2, c2[f2]]
+        unresolved = unresolved[~f2]
+        info[f"peaks_after_k{ke}"] = int(unresolved.size)
+    return unresolved

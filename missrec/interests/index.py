@@ -105,35 +105,6 @@ class InterestIndex:
     def num_clusters(self) -> int:
         return int(self.centroids.shape[0])
 
-    @classmethod
-    def from_result(cls, result: ClusterResult, pool: TokenPool) -> InterestIndex:
-        """Index from a clustering of ``pool.tokens`` (labels [T])."""
-        return cls(pool.to_item_matrix(result.labels), torch.from_numpy(np.asarray(result.centroids)))
-
-    @classmethod
-    def from_labels(
-        cls,
-        labels: np.ndarray | torch.Tensor,
-        mask: np.ndarray | torch.Tensor,
-        centroids: np.ndarray | torch.Tensor,
-    ) -> InterestIndex:
-        """Index from labels of the present tokens [mask.sum()] (modality-major) or of all M * I tokens,
-        with ``mask`` [I, M] bool."""
-        mk = torch.as_tensor(mask).to(torch.bool)
-        i, m = mk.shape
-        lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).to(
-            torch.int64
-        )
-        present = mk.T.reshape(-1)  # [M * I]
-        full = torch.full((m * i,), -1, dtype=torch.int64)
-        if lab.numel() == int(present.sum()):
-            full[present] = lab
-        elif lab.numel() == m * i:
-            full = torch.where(present, lab.reshape(-1), full)
-        else:
-            raise ValueError(f"got {lab.numel()} labels for {int(present.sum())} present / {m * i} tokens")
-        return cls(full.view(m, i).T.contiguous(), torch.as_tensor(centroids))
-
     def to(self, device: torch.device | str) -> InterestIndex:
         """Move both tensors to ``device`` (in place); returns self."""
         self.item_interest = self.item_interest.to(device)
@@ -170,20 +141,3 @@ class InterestIndex:
         ids_out = out[:, :k]  # [B, K]
         mask = torch.arange(k, device=seq.device)[None, :] < count[:, None]  # [B, K]
         return ids_out.contiguous(), mask
-
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors and sizes for checkpointing (CPU tensors)."""
-        return {
-            "item_interest": self.item_interest.cpu(),
-            "centroids": self.centroids.cpu(),
-            "num_clusters": self.num_clusters,
-            "version": 1,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> InterestIndex:
-        """Inverse of :meth:`state_dict`."""
-        idx = cls(state["item_interest"], state["centroids"])
-        if "num_clusters" in state and int(state["num_clusters"]) != idx.num_clusters:
-            raise ValueError("state_dict num_clusters does not match its centroids")
-        return idx

@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from missrec.errors import ConfigError
+from missrec.interests.exact_knn import exact_knn_sample
+
 logger = logging.getLogger(__name__)
 
 # Queries per FAISS call: bounds the temporary [chunk, k] / [chunk, nprobe] buffers and
@@ -103,10 +106,10 @@ class KnnSearcher:
         faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         ngpu = faiss_num_gpus(faiss)
         if use_gpu is True and ngpu == 0:
-            raise RuntimeError("use_gpu=True but FAISS sees no GPU (is the faiss-gpu build installed?)")
+            raise ConfigError("use_gpu=True but FAISS sees no GPU (is the faiss-gpu build installed?)")
         self.on_gpu = ngpu > 0 if use_gpu == "auto" else bool(use_gpu)
         if method not in APPROX_METHODS:
-            raise ValueError(f"approximate kNN method must be one of {APPROX_METHODS}, got {method!r}")
+            raise ConfigError(f"approximate kNN method must be one of {APPROX_METHODS}, got {method!r}")
         auto = "ivf" if self.on_gpu else "cells"
         self.backend = "flat" if not approximate else auto if method == "auto" else method
         self.approximate = approximate
@@ -269,8 +272,6 @@ class KnnSearcher:
         bad = np.flatnonzero((out_i < 0).any(axis=1))
         if bad.size:  # too few candidates (tiny cells / lists): exact search for those rows
             logger.debug("kNN: %d rows short of %d neighbours; searching them exactly", bad.size, k)
-            from missrec.interests.reference import exact_knn_sample
-
             out_d[bad], out_i[bad] = exact_knn_sample(self.x, rows[bad], k)
         return out_d, out_i
 

@@ -21,8 +21,11 @@ from dataclasses import replace
 
 import numpy as np
 
+from missrec.interests import discover_interests
 from missrec.interests.config import ClusterResult, InterestConfig, resolve_num_clusters
 from missrec.interests.dist_comm import Comm, is_distributed
+from missrec.interests.distributed import discover_interests_distributed
+from missrec.interests.knn import faiss_num_gpus, gpu_device, import_faiss
 from missrec.interests.scratch import Scratch
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,6 @@ class CentroidIndex:
     (cells of about sqrt(C) centroids, 8 probed); on the rank's GPU when ``use_gpu`` allows and FAISS has one."""
 
     def __init__(self, centroids: np.ndarray, use_gpu: bool | str = "auto") -> None:
-        from missrec.interests.knn import faiss_num_gpus, gpu_device, import_faiss
-
         faiss = import_faiss()
         c, d = centroids.shape
         cen = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -72,9 +73,6 @@ def discover_interests_sampled(local_tokens: np.ndarray, cfg: InterestConfig, gr
     :func:`~missrec.interests.discover_interests`) on every token, or, with ``cfg.sample_tokens`` below the
     pool's size, on a seeded sample, the rest assigned to their nearest centroid. Returns this rank's labels
     (all labels in one process); ``info["sampled"]`` says how many tokens were clustered."""
-    from missrec.interests import discover_interests
-    from missrec.interests.distributed import discover_interests_distributed
-
     distributed = is_distributed(group)
     comm = Comm(group) if distributed else None
     n_r = int(local_tokens.shape[0])

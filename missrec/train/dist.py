@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from missrec.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -104,7 +106,7 @@ def launch_command(script: str, args: list[str], ranks: int, launcher: str = "de
     if launcher == "torchrun":
         return [str(bin_dir / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port()), script, *args]
-    raise ValueError(f"launcher must be 'deepspeed' or 'torchrun', got {launcher!r}")
+    raise ConfigError(f"launcher must be 'deepspeed' or 'torchrun', got {launcher!r}")
 
 
 def init_distributed(backend: str = "auto", standalone: bool = False) -> World:

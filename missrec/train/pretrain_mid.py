@@ -21,7 +21,9 @@ import torch
 from missrec.data.feature_store import FeatureStore
 from missrec.interests.config import InterestConfig
 from missrec.interests.dist_centres import owner_ranges
+from missrec.interests.dist_comm import Comm
 from missrec.interests.index import item_slice
+from missrec.interests.sampled import discover_interests_sampled
 from missrec.interests.scratch import Scratch
 from missrec.interests.tables import write_index, write_slices
 from missrec.models.missrec import MISSRec
@@ -61,8 +63,6 @@ def discover_epoch_interests(model: MISSRec, store: FeatureStore, cfg: InterestC
     """Discover this epoch's interests over every rank's item slice and write them to ``folder``; collective.
     Returns statistics for logging (clusters, tokens, seconds, cluster sizes, scratch bytes) and the cluster
     sizes [C]."""
-    from missrec.interests.sampled import discover_interests_sampled
-
     t0 = time.perf_counter()
     folder = Path(folder)
     lo, hi = item_slice(store.num_items, rank, world)
@@ -79,8 +79,6 @@ def discover_epoch_interests(model: MISSRec, store: FeatureStore, cfg: InterestC
     write_slices(folder, rank, item_interest.T, np.asarray(res.centroids)[bounds[rank] : bounds[rank + 1]])
     sizes = np.bincount(labels, minlength=c)
     if world > 1:
-        from missrec.interests.dist_comm import Comm
-
         sizes = Comm().all_reduce_sum(sizes.astype(np.int64))
     stats = {"clusters": float(c), "tokens": float(sizes.sum()), "seconds": time.perf_counter() - t0,
              "adapt_seconds": t_adapt, "max_size": float(sizes.max()), "mean_size": float(sizes.mean()),
