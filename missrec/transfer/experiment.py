@@ -75,6 +75,7 @@ class TransferConfig:
     users_per_domain: int = 0  # > 0: only each domain's first users (the quick run)
     seeds: tuple[int, ...] = (2020, 1, 2)
     variants: tuple[str, ...] = ("defaults", "paper")
+    settings: tuple[str, ...] = ("inductive", "transductive", "sasrec")  # fine-tuning settings per fan-out
     pretrain_epochs: int = 3
     pretrain_batch: int = 256  # per rank
     ranks: int = 2
@@ -266,7 +267,7 @@ def finetune(cfg: TransferConfig) -> dict[str, dict[int, dict[str, float]]]:
         for variant in cfg.variants:
             for seed in cfg.seeds:
                 fan = run_fanout(FanoutConfig(
-                    domains=(TARGET,), settings=("inductive", "transductive", "sasrec"),
+                    domains=(TARGET,), settings=tuple(cfg.settings),
                     output_dir=str(Path(cfg.out) / "finetune" / variant / f"seed{seed}"), compare_scratch=True,
                     cpus_per_job=1, progress=False), _base(cfg, seed, variant))
                 for row in fan["jobs"]:
