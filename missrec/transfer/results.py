@@ -21,8 +21,8 @@ HEAD = ("R@10", "N@10", "R@50", "N@50")
 
 # what each fan-out run is in the paper's terms
 RUN_LEGEND = {
-    "transductive": "MISSRec (T+V+ID)",
-    "inductive": "MISSRec (T+V, no ID)",
+    "transductive": "MISSRec (item features + ID)",
+    "inductive": "MISSRec (item features, no ID)",
     "sasrec": "SASRec (ID)",
 }
 
