@@ -1,4 +1,4 @@
-"""The README's scientific_mm rows are the means of the per-seed records in docs/benchmarks (the records without a
+"""The README's result rows are the means of the per-seed records in docs/benchmarks (the records without a
 README row are in docs/experiments.md), and the claims made about them hold.
 
 ``docs/benchmarks/missrec_defaults_{mode}.json`` holds our MISSRec runs with the defaults (the history
@@ -37,6 +37,8 @@ ROW_LABEL = {
     "missrec_paper_inductive": "MISSRec inductive, the paper's model (`configs/paper.yaml`); mean of",
     "sasrec_plain": "SASRec, scientific_mm; mean of",
     "sasrec_history_terms": "SASRec with the toolkit's history terms; mean of",
+    "transfer_pretrained_inductive": "Transfer, inductive, pre-trained on Games, Beauty, Sports, Toys (1 epoch)",
+    "transfer_scratch_inductive": "Transfer, inductive, from scratch on Scientific (same settings",
 }
 
 
@@ -112,3 +114,16 @@ def test_text_only_row_beats_sasrec_with_the_same_terms_on_r50_and_n50() -> None
     cmp = compare_groups(text, base)
     for metric in ("recall@50", "ndcg@50"):
         assert cmp[metric].diff > 0 and cmp[metric].p < 0.01, (metric, cmp[metric])
+
+
+def test_transfer_rows_say_what_the_records_show() -> None:
+    """The README's transfer row says the pre-trained backbone trails training from scratch, with Welch's p per
+    metric as printed (rounded as printed)."""
+    cells = _readme_cells("transfer_pretrained_inductive")
+    pre, scratch = (load_metrics(BENCH / f"{r}.json")
+                    for r in ("transfer_pretrained_inductive", "transfer_scratch_inductive"))
+    cmp = compare_groups(pre, scratch)
+    assert all(cmp[m].diff < 0 for m in METRICS)
+    printed = re.search(r"behind from scratch, p ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+)", cells[5])
+    assert printed, cells[5]
+    assert [float(g) for g in printed.groups()] == [round(cmp[m].p, 2) for m in METRICS]
