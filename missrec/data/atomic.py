@@ -367,10 +367,10 @@ def _clean_field(text: str) -> str:
     return " ".join(text.replace("\t", " ").split())
 
 
-def load_item_table(path: str | Path) -> list[tuple[str, str, str]]:
-    """Read ``<D>.items.tsv`` into ``[(item_id, text, image_rel_path_or_empty), ...]`` in file order."""
+def iter_item_table(path: str | Path) -> Iterator[tuple[int, str, str, str]]:
+    """The rows of ``<D>.items.tsv`` in file order as ``(line number, item_id, text, image_rel_path_or_empty)``;
+    an empty or repeated item id is an error naming its line."""
     path = Path(path)
-    out: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     for lineno, (raw, text, image) in iter_table(path, ITEM_TABLE_HEADER, 3, "item_id, text, image"):
         if not raw:
@@ -378,8 +378,12 @@ def load_item_table(path: str | Path) -> list[tuple[str, str, str]]:
         if raw in seen:
             raise DataFormatError(path, f"item {raw!r} appears twice", lineno)
         seen.add(raw)
-        out.append((raw, text, image))
-    return out
+        yield lineno, raw, text, image
+
+
+def load_item_table(path: str | Path) -> list[tuple[str, str, str]]:
+    """Read ``<D>.items.tsv`` into ``[(item_id, text, image_rel_path_or_empty), ...]`` in file order."""
+    return [(raw, text, image) for _, raw, text, image in iter_item_table(path)]
 
 
 __all__ = [
@@ -389,6 +393,7 @@ __all__ = [
     "TEXT_HEADER",
     "Domain",
     "Split",
+    "iter_item_table",
     "load_domain",
     "load_item_table",
     "read_features",

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from missrec.data.atomic import ITEM_TABLE_HEADER, iter_table, read_index_map, read_text
+from missrec.data.atomic import iter_item_table, read_index_map, read_text
 from missrec.errors import DataFormatError, MissingInputError
 from missrec.io import sha256_file
 
@@ -69,12 +69,7 @@ def _read_items_tsv(
     ids: list[str] = []
     texts: list[str] = []
     images: list[str] = []
-    seen: set[str] = set()
-    for lineno, (raw, text, image) in iter_table(path, ITEM_TABLE_HEADER, 3, "item_id, text, image"):
-        if not raw:
-            raise DataFormatError(path, "empty item_id", lineno)
-        if raw in seen:
-            raise DataFormatError(path, f"item {raw!r} appears twice", lineno)
+    for lineno, raw, text, image in iter_item_table(path):
         row = len(ids)
         if index is not None:
             if row >= len(index):
@@ -83,7 +78,6 @@ def _read_items_tsv(
             if index[row] != raw:
                 raise DataFormatError(path, f"row {row} holds item {raw!r} but {index_path.name} gives index "
                                             f"{row} to {index[row]!r}: rows must be in item-index order", lineno)
-        seen.add(raw)
         ids.append(raw)
         texts.append(text.strip())
         images.append(image.strip())
