@@ -156,7 +156,7 @@ def fit_policy(
         raise ConfigError(f"{type(model).__name__} has no history affinity to weigh")
     pairs = [(w, g) for w in weights for g in offsets]
     names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
-    sums = torch.zeros(len(pairs), len(names), dtype=torch.float64)
+    sums = torch.zeros(len(pairs), len(names), dtype=torch.float64, device=device)  # on the device: no sync per batch
     full = [RankingMetrics(ks, ties) for _ in pairs] if ties == "expected" else []
     count = 0
     with scoring(model):
@@ -171,19 +171,19 @@ def fit_policy(
                     m.update(torch.where(mask, s + g, s), batch.target)
                 continue
             ranks = grid_ranks(scores, aff, mask, batch.target, weights, offsets).reshape(len(pairs), -1)  # [P, B]
-            zero = torch.zeros_like(ranks[0])
+            zero = torch.zeros_like(ranks)
             for k_i, k in enumerate(ks):
-                for i in range(len(pairs)):
-                    hit, ndcg = expected_at_k(ranks[i], zero, k)
-                    sums[i, 2 * k_i] += float(hit.sum())
-                    sums[i, 2 * k_i + 1] += float(ndcg.sum())
+                hit, ndcg = expected_at_k(ranks, zero, k)  # [P, B] each
+                sums[:, 2 * k_i] += hit.sum(1)
+                sums[:, 2 * k_i + 1] += ndcg.sum(1)
             count += len(batch)
     if full:
         results = [m.compute() for m in full]
     else:
         if count == 0:
             raise ValueError("no rows were evaluated")
-        results = [dict(zip(names, (sums[i] / count).tolist())) for i in range(len(pairs))]
+        means = (sums / count).tolist()  # one transfer for the whole grid
+        results = [dict(zip(names, means[i])) for i in range(len(pairs))]
     best = max(range(len(pairs)), key=lambda i: (results[i][metric], -i))
     w, g = pairs[best]
     return ScoringPolicy(history_offset=float(g), affinity_weight=float(w)), results[best]
