@@ -54,7 +54,7 @@ def build_config(args: argparse.Namespace) -> ExtractConfig:
     return ExtractConfig(
         domain_dir=args.domain_dir, domain=args.domain, encoder=spec, pool=pool, out_dir=args.out,
         text_suffix=text_suffix, image_suffix=args.image_suffix, chunk_size=args.chunk_size,
-        keep_chunks=not args.clean_chunks, progress=not args.quiet,
+        keep_chunks=not args.clean_chunks, centre=args.centre, progress=not args.quiet,
     )
 
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url-timeout", type=float, default=10.0)
     p.add_argument("--url-retries", type=int, default=3)
     p.add_argument("--clean-chunks", action="store_true", help="delete the chunk folder after success")
+    p.add_argument("--centre", action="store_true", help="subtract the domain's mean row, then L2-normalise "
+                   "rows (for pre-training on several domains and transferring; docs/experiments.md section 6)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -246,7 +246,7 @@ def test_chunk_store_detects_corruption_and_assemble_checks_coverage(tmp_path):
         assemble(store, chunks[:2], 5, ["text"])
 
 
-def test_in_process_job_zero_rows_counts_and_normalise(domain_dir, spec, reference, tmp_path):
+def test_in_process_job_zero_rows_counts_normalise_and_centre(domain_dir, spec, reference, tmp_path):
     meta = extract_features(ExtractConfig(str(domain_dir), DOMAIN, spec, pool=None, out_dir=str(tmp_path),
                                           chunk_size=16, progress=False))
     text, image = _tables(tmp_path)
@@ -267,6 +267,19 @@ def test_in_process_job_zero_rows_counts_and_normalise(domain_dir, spec, referen
     ntext, nimage = _tables(tmp_path / "l2")
     assert norm["normalisation"] == "l2" and np.allclose(np.linalg.norm(ntext, axis=1), 1.0, atol=1e-5)
     assert not nimage[zero].any()  # missing stays zero
+    # centred: the same chunks (nothing encoded again), each table minus the mean of its non-zero rows, unit rows
+    cen = extract_features(ExtractConfig(str(domain_dir), DOMAIN, spec, pool=None, out_dir=str(tmp_path),
+                                         chunk_size=16, centre=True, progress=False))
+    assert cen["chunks"]["computed"] == 0 and cen["normalisation"] == "centred, l2"
+    ctext, cimage = _tables(tmp_path)
+    for raw, got, name in ((text, ctext, "text"), (image, cimage, "image")):
+        present = raw.any(axis=1)
+        mean = raw[present].mean(axis=0)
+        want = raw[present] - mean
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        assert np.allclose(got[present], want, atol=1e-5) and not got[~present].any()
+        assert cen["tables"][name]["centred_mean_norm"] == pytest.approx(np.linalg.norm(mean), rel=1e-4)
+        assert cen["tables"][name]["unit_norm_rows"]
 
 
 # ------------------------------------------------------------------------------------------------ Ray

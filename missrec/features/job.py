@@ -8,7 +8,10 @@ Outputs in ``out_dir`` (default: the domain folder), all written atomically:
 - sentence-transformers (text only): ``<D>.<text_suffix>`` and ``<D>.<text_suffix>.json``;
 - ``.chunks/<D>.<name>/``: the finished chunks (kept for resuming unless ``keep_chunks=False``).
 
-Tables are MISSRec's raw little-endian float32 layout, row ``i`` = item ``i``.
+Tables are MISSRec's raw little-endian float32 layout, row ``i`` = item ``i``. ``centre=True`` subtracts the
+domain's mean row from every row and L2-normalises the result (rows that were zero stay zero): each domain's
+items then sit around the origin, so a backbone pre-trained on several domains does not learn each one's offset
+(docs/experiments.md, section 6). The chunks keep the raw rows: switching it costs no encoding.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class ExtractConfig:
     image_suffix: str = "feat3CLS"
     chunk_size: int = 256
     keep_chunks: bool = True
+    centre: bool = False  # subtract the domain's mean row, then L2-normalise rows
     progress: bool = True
     fault: FaultHook | None = None
 
@@ -140,12 +144,14 @@ def extract_features(cfg: ExtractConfig) -> dict:
     table_meta = {}
     for name in tables:
         path = out / f"{cfg.domain}.{suffix[name]}"
+        mean_norm = centre_rows(feats[name]) if cfg.centre else None
         write_features(path, feats[name])
         norms = np.linalg.norm(feats[name], axis=1)
         present = norms[norms > 0]
         table_meta[name] = {"suffix": suffix[name], "path": str(path), "shape": list(feats[name].shape),
                             "sha256": sha256_file(path), "zero_rows": int((norms == 0).sum()),
-                            "unit_norm_rows": bool(present.size and np.allclose(present, 1.0, atol=1e-3))}
+                            "unit_norm_rows": bool(present.size and np.allclose(present, 1.0, atol=1e-3)),
+                            **({"centred_mean_norm": mean_norm} if cfg.centre else {})}
     wall = time.perf_counter() - t0
     computed = sum(len(c) for c in todo)
     enc_s = run.get("encode_seconds")
@@ -153,7 +159,7 @@ def extract_features(cfg: ExtractConfig) -> dict:
         "format": FORMAT, "domain": cfg.domain,
         "source": {"path": str(source.path), "sha256": source.sha256, "kind": source.path.name[len(cfg.domain) + 1:]},
         "model": model, "dim": int(feats["text"].shape[1]),
-        "normalisation": "l2" if spec.normalize else "none",
+        "normalisation": "centred, l2" if cfg.centre else "l2" if spec.normalize else "none",
         "tables": table_meta, "counts": _counts(len(source), chunk_stats, "image" in tables),
         "chunks": {"total": len(chunks), "computed": len(todo), "skipped": skipped, "stale": stale,
                    "pruned_files": pruned, "chunk_size": cfg.chunk_size, "folder": str(store.folder)},
@@ -167,6 +173,19 @@ def extract_features(cfg: ExtractConfig) -> dict:
         shutil.rmtree(store.folder, ignore_errors=True)
     log.info("wrote %s (%d items, %d computed, %.1fs)", meta_path, len(source), computed, wall)
     return meta
+
+
+def centre_rows(table: np.ndarray) -> float:
+    """Centre ``table`` [N, D] in place on the mean of its non-zero rows, then scale every row to unit length
+    (zero rows, items without a text or image, stay zero); returns the norm of the mean that was removed."""
+    present = np.linalg.norm(table, axis=1) > 0  # [N]
+    if not present.any():
+        return 0.0
+    mean = table[present].mean(axis=0)  # [D]
+    table[present] -= mean
+    norms = np.linalg.norm(table[present], axis=1, keepdims=True)  # [P, 1]
+    table[present] /= np.maximum(norms, np.finfo(np.float32).tiny)
+    return round(float(np.linalg.norm(mean)), 6)
 
 
 def _run_in_process(spec: EncoderSpec, source: ItemSource, todo: list[ChunkRange], on_result, on_ready) -> dict:
@@ -198,4 +217,4 @@ def _counts(n: int, stats: list[dict], images: bool) -> dict:
     return out
 
 
-__all__ = ["ExtractConfig", "describe_encoder", "encode_in_process", "extract_features"]
+__all__ = ["ExtractConfig", "centre_rows", "describe_encoder", "encode_in_process", "extract_features"]
