@@ -39,6 +39,9 @@ ROW_LABEL = {
     "sasrec_history_terms": "SASRec with the toolkit's history terms; mean of",
     "transfer_pretrained_inductive": "Transfer, inductive, pre-trained on Games, Beauty, Sports, Toys (1 epoch)",
     "transfer_scratch_inductive": "Transfer, inductive, from scratch on Scientific (same settings",
+    "transfer_pretrained_transductive": "Transfer, transductive (MiniLM text + ID), pre-trained as above; mean of",
+    "transfer_scratch_transductive": "Transfer, transductive, from scratch on Scientific (same settings); mean of",
+    "transfer_sasrec": "Transfer, SASRec with the history terms on Scientific (same budget); mean of",
 }
 
 
@@ -116,14 +119,24 @@ def test_text_only_row_beats_sasrec_with_the_same_terms_on_r50_and_n50() -> None
         assert cmp[metric].diff > 0 and cmp[metric].p < 0.01, (metric, cmp[metric])
 
 
-def test_transfer_rows_say_what_the_records_show() -> None:
-    """The README's transfer row says the pre-trained backbone trails training from scratch, with Welch's p per
-    metric as printed (rounded as printed)."""
-    cells = _readme_cells("transfer_pretrained_inductive")
-    pre, scratch = (load_metrics(BENCH / f"{r}.json")
-                    for r in ("transfer_pretrained_inductive", "transfer_scratch_inductive"))
+@pytest.mark.parametrize(("mode", "claim"), [("inductive", "behind from scratch"),
+                                             ("transductive", "ahead of from scratch on all four")])
+def test_transfer_rows_say_what_the_records_show(mode: str, claim: str) -> None:
+    """The README's transfer rows say on which side of training from scratch the pre-trained backbone lands, on
+    every metric, with Welch's p per metric as printed (rounded as printed)."""
+    cells = _readme_cells(f"transfer_pretrained_{mode}")
+    pre, scratch = (load_metrics(BENCH / f"transfer_{r}_{mode}.json") for r in ("pretrained", "scratch"))
     cmp = compare_groups(pre, scratch)
-    assert all(cmp[m].diff < 0 for m in METRICS)
-    printed = re.search(r"behind from scratch, p ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+)", cells[5])
+    sign = -1 if claim.startswith("behind") else 1
+    assert all(sign * cmp[m].diff > 0 for m in METRICS)
+    printed = re.search(rf"{claim}, p ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+)", cells[5])
     assert printed, cells[5]
     assert [float(g) for g in printed.groups()] == [round(cmp[m].p, 2) for m in METRICS]
+
+
+@pytest.mark.parametrize("record", ["transfer_pretrained_transductive", "transfer_scratch_transductive"])
+def test_transfer_transductive_rows_lead_sasrec(record: str) -> None:
+    """The README's SASRec transfer row: both transductive rows lead it on every metric, Welch's p <= 0.02."""
+    assert "both transductive rows lead it on all four, p ≤ 0.02" in _readme_cells("transfer_sasrec")[5]
+    cmp = compare_groups(*(load_metrics(BENCH / f"{r}.json") for r in (record, "transfer_sasrec")))
+    assert all(cmp[m].diff > 0 and cmp[m].p <= 0.02 for m in METRICS), cmp
