@@ -178,13 +178,15 @@ def extract_features(cfg: ExtractConfig) -> dict:
 def centre_rows(table: np.ndarray) -> float:
     """Centre ``table`` [N, D] in place on the mean of its non-zero rows, then scale every row to unit length
     (zero rows, items without a text or image, stay zero); returns the norm of the mean that was removed."""
-    present = np.linalg.norm(table, axis=1) > 0  # [N]
-    if not present.any():
+    present = table.any(axis=1)  # [N]
+    count = int(present.sum())
+    if count == 0:
         return 0.0
-    mean = table[present].mean(axis=0)  # [D]
-    table[present] -= mean
-    norms = np.linalg.norm(table[present], axis=1, keepdims=True)  # [P, 1]
-    table[present] /= np.maximum(norms, np.finfo(np.float32).tiny)
+    mean = table.sum(axis=0) / count  # [D]; zero rows add nothing to the sum
+    table -= mean  # in place: no [P, D] copies of the table
+    table[~present] = 0.0
+    norms = np.linalg.norm(table, axis=1, keepdims=True)  # [N, 1]
+    np.divide(table, norms, out=table, where=norms > 0)
     return round(float(np.linalg.norm(mean)), 6)
 
 
